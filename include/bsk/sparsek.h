@@ -1,0 +1,33 @@
+// SparseK attention (arXiv:2406.16747) exactly as defined in docs/SPARSEK_SPEC.md: each query
+// attends to a sliding window of w keys plus the k earlier keys with the largest learned,
+// query-independent score u, soft-gated by the SPARSEK operator.
+#pragma once
+
+#include "bsk/tensor.h"
+
+namespace bsk {
+
+enum class Gate : int {
+  kKeyValue = 0,  // logits m*s, values m (the paper's form)
+  kValue = 1,     // logits s, values m
+  kNone = 2,      // hard top-k: logits s, values 1
+};
+
+const char* gate_name(Gate gate);
+
+struct SparseKParams {
+  int64_t k = 0;  // selection budget, >= 0
+  int64_t w = 0;  // sliding window, >= 0; k == 0 && w == 0 is an error
+  Gate gate = Gate::kKeyValue;
+  float softmax_scale = 0.0f;  // 0 means 1/sqrt(head_dim)
+};
+
+// q: [B, Sq, Hq, D]; k, v: [B, Skv, Hkv, D]; u: float32 [B, Hkv, Skv], finite;
+// out: [B, Sq, Hq, D]; lse: optional float32 [B, Hq, Sq]. Always causal, bottom-right aligned.
+// Runs on CPU tensors (the reference). The CUDA kernel is not built yet: CUDA tensors raise
+// bsk::Unsupported.
+void sparsek_attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                               const TensorView& u, const TensorView& out, const TensorView* lse,
+                               const SparseKParams& params, Stream stream = nullptr);
+
+}  // namespace bsk

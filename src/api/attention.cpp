@@ -1,0 +1,52 @@
+#include "bsk/attention.h"
+
+#include "api/validate.h"
+#include "bsk/reference.h"
+#include "common/cuda_check.h"
+#include "dispatch/dense_fwd.h"
+
+namespace bsk {
+
+bool head_dim_supported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+
+void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const TensorView& out, const TensorView* lse, const AttentionParams& params,
+                       Stream stream) {
+  const detail::AttnShape s = detail::check_attention_args(q, k, v, out, lse);
+  AttentionParams p = params;
+  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim);
+
+  if (q.device.type == DeviceType::kCPU) {
+    ref::attention_forward(q, k, v, out, lse, p);
+    return;
+  }
+  if (s.batch == 0 || s.seqlen_q == 0 || s.heads_q == 0) return;
+
+  detail::DenseFwdArgs a{};
+  a.q = q.data;
+  a.k = k.data;
+  a.v = v.data;
+  a.out = out.data;
+  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  for (int i = 0; i < 3; ++i) {
+    a.q_stride[i] = q.stride[i];
+    a.k_stride[i] = k.stride[i];
+    a.v_stride[i] = v.stride[i];
+    a.out_stride[i] = out.stride[i];
+    a.lse_stride[i] = lse ? lse->stride[i] : 0;
+  }
+  a.batch = static_cast<int>(s.batch);
+  a.seqlen_q = static_cast<int>(s.seqlen_q);
+  a.seqlen_k = static_cast<int>(s.seqlen_k);
+  a.heads_q = static_cast<int>(s.heads_q);
+  a.heads_kv = static_cast<int>(s.heads_kv);
+  a.head_dim = static_cast<int>(s.head_dim);
+  a.softmax_scale = p.softmax_scale;
+  a.causal = p.causal;
+  a.dtype = q.dtype;
+
+  detail::DeviceGuard guard(q.device.index);
+  detail::dense_fwd_cuda(a, q.device.index, reinterpret_cast<cudaStream_t>(stream));
+}
+
+}  // namespace bsk

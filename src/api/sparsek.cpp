@@ -1,0 +1,70 @@
+#include "bsk/sparsek.h"
+
+#include <cmath>
+#include <string>
+
+#include "api/validate.h"
+#include "bsk/error.h"
+#include "bsk/reference.h"
+
+namespace bsk {
+
+const char* gate_name(Gate gate) {
+  switch (gate) {
+    case Gate::kKeyValue: return "key_value";
+    case Gate::kValue: return "value";
+    case Gate::kNone: return "none";
+  }
+  return "unknown";
+}
+
+void sparsek_attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                               const TensorView& u, const TensorView& out, const TensorView* lse,
+                               const SparseKParams& params, Stream /*stream*/) {
+  const detail::AttnShape s = detail::check_attention_args(q, k, v, out, lse);
+
+  if (params.k < 0)
+    throw InvalidArgument("k", "selection budget must be >= 0, got " + std::to_string(params.k));
+  if (params.w < 0)
+    throw InvalidArgument("w", "window must be >= 0, got " + std::to_string(params.w));
+  if (params.k == 0 && params.w == 0)
+    throw InvalidArgument("k", "k == 0 together with w == 0 leaves no key to attend");
+  if (params.gate != Gate::kKeyValue && params.gate != Gate::kValue && params.gate != Gate::kNone)
+    throw InvalidArgument("gate", "must be key_value, value or none");
+
+  if (u.ndim != 3)
+    throw InvalidArgument("u", "must be a 3-D tensor [B, Hkv, Skv], got " +
+                                   std::to_string(u.ndim) + "-D");
+  if (u.dtype != DType::kFloat32)
+    throw InvalidArgument("u", std::string("dtype must be float32, got ") + dtype_name(u.dtype));
+  if (u.device.type != q.device.type || u.device.index != q.device.index)
+    throw InvalidArgument("u", "must be on the same device as q");
+  if (u.shape[0] != s.batch || u.shape[1] != s.heads_kv || u.shape[2] != s.seqlen_k)
+    throw InvalidArgument("u", "must have shape [B, Hkv, Skv] = [" + std::to_string(s.batch) +
+                                   ", " + std::to_string(s.heads_kv) + ", " +
+                                   std::to_string(s.seqlen_k) + "]");
+  for (int i = 0; i < 3; ++i)
+    if (u.stride[i] < 0) throw InvalidArgument("u", "strides must be non-negative");
+  if (u.numel() > 0 && u.data == nullptr) throw InvalidArgument("u", "data pointer is null");
+
+  SparseKParams p = params;
+  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim);
+
+  if (q.device.type == DeviceType::kCUDA)
+    throw Unsupported("sparsek_attention_forward: the CUDA kernel is not built yet; "
+                      "pass CPU tensors to run the reference");
+
+  const float* ud = static_cast<const float*>(u.data);
+  for (int64_t b = 0; b < u.shape[0]; ++b)
+    for (int64_t h = 0; h < u.shape[1]; ++h)
+      for (int64_t j = 0; j < u.shape[2]; ++j) {
+        const float x = ud[b * u.stride[0] + h * u.stride[1] + j * u.stride[2]];
+        if (!std::isfinite(x))
+          throw InvalidArgument("u", "scores must be finite (no NaN or inf); u[" +
+                                         std::to_string(b) + ", " + std::to_string(h) + ", " +
+                                         std::to_string(j) + "] is " + std::to_string(x));
+      }
+  ref::sparsek_attention_forward(q, k, v, u, out, lse, p);
+}
+
+}  // namespace bsk

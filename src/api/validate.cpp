@@ -1,0 +1,182 @@
+#include "api/validate.h"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "bsk/attention.h"
+#include "bsk/error.h"
+
+namespace bsk::detail {
+namespace {
+
+std::string shape_str(const TensorView& t) {
+  std::string s = "[";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + "]";
+}
+
+std::string device_str(const Device& d) {
+  return d.type == DeviceType::kCUDA ? "cuda:" + std::to_string(d.index) : std::string("cpu");
+}
+
+void check_rank(const TensorView& t, const char* name, int ndim, const char* layout) {
+  if (t.ndim != ndim)
+    throw InvalidArgument(name, std::string("must be a ") + std::to_string(ndim) + "-D tensor " +
+                                    layout + ", got " + std::to_string(t.ndim) + "-D " +
+                                    shape_str(t));
+  for (int i = 0; i < ndim; ++i) {
+    if (t.shape[i] < 0)
+      throw InvalidArgument(name, "sizes must be non-negative, got " + shape_str(t));
+    if (t.stride[i] < 0)
+      throw InvalidArgument(name, "strides must be non-negative (no flipped views), got stride " +
+                                      std::to_string(t.stride[i]) + " in dim " + std::to_string(i));
+  }
+  if (t.numel() > 0 && t.data == nullptr)
+    throw InvalidArgument(name, "data pointer is null for a non-empty tensor");
+}
+
+void check_same_shape(const TensorView& t, const char* name, const TensorView& ref,
+                      const char* ref_name) {
+  for (int i = 0; i < t.ndim; ++i)
+    if (t.shape[i] != ref.shape[i])
+      throw InvalidArgument(name, std::string("must have the shape of ") + ref_name + " " +
+                                      shape_str(ref) + ", got " + shape_str(t));
+}
+
+// Outputs must not alias themselves: a zero stride on a dim of size > 1 would.
+void check_no_self_overlap(const TensorView& t, const char* name) {
+  for (int i = 0; i < t.ndim; ++i)
+    if (t.shape[i] > 1 && t.stride[i] == 0)
+      throw InvalidArgument(name, "is an output and must not have a zero stride (dim " +
+                                      std::to_string(i) + ")");
+}
+
+void check_cuda_pointer(const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;
+  cudaPointerAttributes attr{};
+  cudaError_t err = cudaPointerGetAttributes(&attr, t.data);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls are not blamed
+    throw InvalidArgument(name, "is marked as a CUDA tensor but its pointer is not known to CUDA (" +
+                                    std::string(cudaGetErrorString(err)) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw InvalidArgument(name, "is marked as a CUDA tensor but its pointer is host memory");
+  if (attr.device != t.device.index)
+    throw InvalidArgument(name, "pointer lives on cuda:" + std::to_string(attr.device) +
+                                    " but the tensor says " + device_str(t.device));
+}
+
+void check_cuda_vector_layout(const TensorView& t, const char* name) {
+  const auto addr = reinterpret_cast<std::uintptr_t>(t.data);
+  if (addr % 16 != 0)
+    throw InvalidArgument(name, "data must be 16-byte aligned for the CUDA kernels");
+  for (int i = 0; i < 3; ++i)
+    if (t.shape[i] > 1 && t.stride[i] % 8 != 0)
+      throw InvalidArgument(name, "strides of dims 0-2 must be multiples of 8 elements (16 bytes) "
+                                  "for the CUDA kernels, got stride " +
+                                      std::to_string(t.stride[i]) + " in dim " +
+                                      std::to_string(i));
+}
+
+}  // namespace
+
+AttnShape check_attention_args(const TensorView& q, const TensorView& k, const TensorView& v,
+                               const TensorView& out, const TensorView* lse) {
+  check_rank(q, "q", 4, "[B, Sq, Hq, D]");
+  check_rank(k, "k", 4, "[B, Skv, Hkv, D]");
+  check_rank(v, "v", 4, "[B, Skv, Hkv, D]");
+  check_rank(out, "out", 4, "[B, Sq, Hq, D]");
+
+  const bool cuda = q.device.type == DeviceType::kCUDA;
+  const TensorView* all[] = {&q, &k, &v, &out};
+  const char* names[] = {"q", "k", "v", "out"};
+  for (int i = 0; i < 4; ++i) {
+    const TensorView& t = *all[i];
+    if (t.device.type != q.device.type || t.device.index != q.device.index)
+      throw InvalidArgument(names[i], "must be on the same device as q (" + device_str(q.device) +
+                                          "), got " + device_str(t.device));
+    if (t.dtype != q.dtype)
+      throw InvalidArgument(names[i], std::string("must have the dtype of q (") +
+                                          dtype_name(q.dtype) + "), got " + dtype_name(t.dtype));
+  }
+  if (cuda) {
+    if (q.dtype != DType::kFloat16 && q.dtype != DType::kBFloat16)
+      throw InvalidArgument("q", std::string("dtype must be float16 or bfloat16 on CUDA, got ") +
+                                     dtype_name(q.dtype));
+  } else if (q.dtype == DType::kInt64) {
+    throw InvalidArgument("q", "dtype must be a floating-point type, got int64");
+  }
+
+  const AttnShape s{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]};
+  if (k.shape[0] != s.batch)
+    throw InvalidArgument("k", "batch size must match q (" + std::to_string(s.batch) + "), got " +
+                                   shape_str(k));
+  if (k.shape[3] != s.head_dim)
+    throw InvalidArgument("k", "head dim must match q (" + std::to_string(s.head_dim) +
+                                   "), got " + shape_str(k));
+  check_same_shape(v, "v", k, "k");
+  check_same_shape(out, "out", q, "q");
+  if (s.heads_kv < 1 || s.heads_q < 1)
+    throw InvalidArgument("k", "head counts must be >= 1, got Hq=" + std::to_string(s.heads_q) +
+                                   " Hkv=" + std::to_string(s.heads_kv));
+  if (s.heads_q % s.heads_kv != 0)
+    throw InvalidArgument("k", "Hq (" + std::to_string(s.heads_q) +
+                                   ") must be a multiple of Hkv (" + std::to_string(s.heads_kv) +
+                                   ") for GQA/MQA");
+  if (s.head_dim < 1)
+    throw InvalidArgument("q", "head dim must be >= 1, got " + std::to_string(s.head_dim));
+  constexpr int64_t kMaxLen = std::numeric_limits<int32_t>::max() / 2;
+  if (s.seqlen_q > kMaxLen || s.seqlen_k > kMaxLen)
+    throw InvalidArgument("q", "sequence lengths must be below 2^30");
+
+  for (int i = 0; i < 4; ++i) {
+    const TensorView& t = *all[i];
+    if (t.shape[3] > 1 && t.stride[3] != 1)
+      throw InvalidArgument(names[i], "last dimension (head dim) must be contiguous (stride 1), "
+                                      "got stride " + std::to_string(t.stride[3]));
+  }
+  check_no_self_overlap(out, "out");
+
+  if (lse) {
+    check_rank(*lse, "lse", 3, "[B, Hq, Sq]");
+    if (lse->dtype != DType::kFloat32)
+      throw InvalidArgument("lse", std::string("dtype must be float32, got ") +
+                                       dtype_name(lse->dtype));
+    if (lse->device.type != q.device.type || lse->device.index != q.device.index)
+      throw InvalidArgument("lse", "must be on the same device as q (" + device_str(q.device) +
+                                       "), got " + device_str(lse->device));
+    if (lse->shape[0] != s.batch || lse->shape[1] != s.heads_q || lse->shape[2] != s.seqlen_q)
+      throw InvalidArgument("lse", "must have shape [B, Hq, Sq] = [" + std::to_string(s.batch) +
+                                       ", " + std::to_string(s.heads_q) + ", " +
+                                       std::to_string(s.seqlen_q) + "], got " + shape_str(*lse));
+    check_no_self_overlap(*lse, "lse");
+  }
+
+  if (cuda) {
+    if (!head_dim_supported(s.head_dim))
+      throw InvalidArgument("q", "head dim must be 64 or 128 on CUDA, got " +
+                                     std::to_string(s.head_dim));
+    for (int i = 0; i < 4; ++i) {
+      check_cuda_pointer(*all[i], names[i]);
+      check_cuda_vector_layout(*all[i], names[i]);
+    }
+    if (lse) check_cuda_pointer(*lse, "lse");
+  } else if (s.head_dim > 1024) {
+    throw InvalidArgument("q", "head dim must be <= 1024, got " + std::to_string(s.head_dim));
+  }
+  return s;
+}
+
+float resolve_softmax_scale(float softmax_scale, int64_t head_dim) {
+  if (!std::isfinite(softmax_scale))
+    throw InvalidArgument("softmax_scale", "must be finite (0 selects 1/sqrt(head_dim))");
+  if (softmax_scale == 0.0f) return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  return softmax_scale;
+}
+
+}  // namespace bsk::detail

@@ -1,0 +1,40 @@
+#include "common/cuda_check.h"
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "bsk/error.h"
+
+namespace bsk::detail {
+
+void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line) {
+  throw CudaError(std::string(cudaGetErrorName(err)) + " (" + cudaGetErrorString(err) + ") in " +
+                  what + " at " + file + ":" + std::to_string(line));
+}
+
+DeviceGuard::DeviceGuard(int device) {
+  BSK_CUDA_CHECK(cudaGetDevice(&previous_));
+  if (previous_ != device) BSK_CUDA_CHECK(cudaSetDevice(device));
+}
+
+DeviceGuard::~DeviceGuard() {
+  int now = -1;
+  if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+}
+
+int device_cc(int device) {
+  static std::mutex mu;
+  static std::vector<int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, -1);
+  if (cache[device] < 0) {
+    int major = 0, minor = 0;
+    BSK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    BSK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    cache[device] = 10 * major + minor;
+  }
+  return cache[device];
+}
+
+}  // namespace bsk::detail
