@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the pinned Python requirements that are missing (pip, from PyPI, or from a local
+# wheel folder given as BSK_WHEELS for machines without network). Sourced by the other scripts.
+set -euo pipefail
+PY=${PYTHON:-python3}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+pip_install() {
+  if [ -n "${BSK_WHEELS:-}" ]; then
+    "$PY" -m pip install -q --no-index --find-links "$BSK_WHEELS" "$@"
+  else
+    "$PY" -m pip install -q "$@"
+  fi
+}
+missing() { ! "$PY" -c "import $1" >/dev/null 2>&1; }
+
+need=()
+missing scikit_build_core && need+=(scikit-build-core==0.11.6)
+missing nanobind && need+=(nanobind==2.9.2)
+missing ninja && need+=(ninja==1.13.2)
+command -v cmake >/dev/null 2>&1 || need+=(cmake==3.31.6)
+if [ "${BSK_WITH_TEST_DEPS:-0}" = 1 ]; then
+  missing torch && need+=(torch==2.11.0)
+  missing numpy && need+=(numpy==2.4.6)
+  missing pytest && need+=(pytest==9.2.0)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "deps: installing ${need[*]}"
+  pip_install "${need[@]}"
+fi
+"$PY" -c "import importlib.util as u; exit(u.find_spec('cutlass_library') is None)" ||
+  { echo "deps: installing nvidia-cutlass==4.2.0.0 (headers only, --no-deps)";
+    pip_install --no-deps nvidia-cutlass==4.2.0.0; }

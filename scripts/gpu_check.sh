@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything a GPU machine must show, in one call and offline: build, every test (GPU included),
+# compute-sanitizer memcheck + racecheck on the GPU tests, the seed benchmark, a summary table.
+# Logs go to $OUT (default build/gpu_check). Wheels for missing Python packages are taken from
+# BSK_WHEELS (default .whl), GoogleTest sources from BSK_GTEST_SOURCE_DIR (default .deps/googletest).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+OUT=${OUT:-$root/build/gpu_check}
+logs=$OUT/logs
+mkdir -p "$logs"
+export BSK_WHEELS=${BSK_WHEELS:-$root/.whl}
+[ -d "$BSK_WHEELS" ] || unset BSK_WHEELS
+export BSK_GTEST_SOURCE_DIR=${BSK_GTEST_SOURCE_DIR:-$root/.deps/googletest}
+[ -d "$BSK_GTEST_SOURCE_DIR" ] || unset BSK_GTEST_SOURCE_DIR
+export BSK_CUDA_ARCHS=${BSK_CUDA_ARCHS:-80;90a}
+export PYTHONUNBUFFERED=1
+suites=${BSK_BENCH_SUITES:-seed}
+
+summary=()
+step() {  # step NAME COMMAND...: runs, logs to $logs/NAME.log, records status and time
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  "$@" >"$logs/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$logs/$name.log"
+  summary+=("$(printf '%-22s %-5s %5ss' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL:$rc)" $((SECONDS - t0)))")
+  return $rc
+}
+
+step env bash -c 'nvidia-smi; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,driver_version --format=csv; nvcc --version; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version())"'
+step deps bash -c 'source scripts/deps.sh'
+step test bash scripts/test.sh
+build=build/cmake
+if [ -x $build/tests/cpp/bsk_tests ]; then
+  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
+    $build/tests/cpp/bsk_tests --gtest_filter='*Gpu*'
+  step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
+    $build/tests/cpp/bsk_tests --gtest_filter='*Gpu*Seed*:*Gpu*Causal*'
+fi
+for s in $suites; do
+  step "bench_$s" python3 -m blackwell_sparsek.bench --suite "$s" --out "$OUT/bench"
+done
+
+echo
+echo "================ summary ================"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+grep -h -E "passed|failed|tests passed|SKIPPED" "$logs/test.log" | tail -n 4 | tee -a "$OUT/summary.txt"
+for s in $suites; do
+  md=$(ls -t "$OUT"/bench/*.md 2>/dev/null | head -n 1)
+  [ -n "$md" ] && cat "$md"
+done
+tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$logs"

@@ -1,0 +1,94 @@
+// Building blocks for the sm_80+ tensor-core path: the CuTe instruction atoms (cp.async,
+// ldmatrix, mma.sync m16n8k16) wrapped for the fragment layouts the attention kernels use, and
+// the shared-memory swizzle that keeps ldmatrix free of bank conflicts.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+namespace bsk::kernels::sm80 {
+
+template <typename Elem>
+struct MmaAtom;
+template <>
+struct MmaAtom<__half> {
+  using type = cute::SM80_16x8x16_F32F16F16F32_TN;
+};
+template <>
+struct MmaAtom<__nv_bfloat16> {
+  using type = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+};
+
+// D(16x8, f32) += A(16x16, row) * B(16x8, col). Fragment layouts per the PTX ISA: with
+// g = lane / 4 and t = lane % 4, c[0..1] hold row g, cols 2t..2t+1; c[2..3] row g+8.
+template <typename Elem>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+  MmaAtom<Elem>::type::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1],
+                           c[2], c[3]);
+}
+
+// Tiles in shared memory are [rows][kDim] elements, 16-byte chunks XOR-swizzled by (row % 8):
+// the 8 row addresses of one ldmatrix phase then hit 8 distinct bank groups.
+template <int kDim>
+__device__ __forceinline__ int swizzle(int row, int col) {
+  static_assert(kDim % 64 == 0, "rows must be a multiple of 8 chunks of 16 bytes");
+  return row * kDim + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+__device__ __forceinline__ void ldsm_x4(const void* smem, uint32_t (&r)[4]) {
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2],
+                                r[3]);
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(const void* smem, uint32_t (&r)[4]) {
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2],
+                                r[3]);
+}
+
+// Asynchronously copies rows [row0, row0 + kRows) x kDim of a global matrix (row stride in
+// elements) into a swizzled shared tile. Rows at or past `rows_valid` are zero-filled and their
+// source address is clamped to row 0 so no out-of-range address is ever formed.
+template <int kRows, int kDim, int kThreads, typename Elem>
+__device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* gmem, int64_t row_stride,
+                                                int row0, int rows_valid) {
+  constexpr int kChunksPerRow = kDim / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "tile must split evenly over the threads");
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int id = threadIdx.x + i * kThreads;
+    const int r = id / kChunksPerRow;
+    const int c = (id % kChunksPerRow) * 8;
+    const bool valid = row0 + r < rows_valid;
+    const Elem* src = gmem + (valid ? static_cast<int64_t>(row0 + r) * row_stride : 0) + c;
+    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(src),
+        *reinterpret_cast<cute::uint128_t*>(smem + swizzle<kDim>(r, c)), valid);
+  }
+}
+
+__device__ __forceinline__ void cp_async_commit() { cute::cp_async_fence(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  cute::cp_async_wait<N>();
+}
+
+template <typename Elem>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+}  // namespace bsk::kernels::sm80
