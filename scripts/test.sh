@@ -18,6 +18,12 @@ cmake --build "$build" -j"$jobs"
 echo "== ctest =="
 ctest --test-dir "$build" --output-on-failure -j"$jobs"
 
+echo "== install libbsk, then build and run the find_package example against it =="
+cmake --install "$build" --prefix build/install >/dev/null
+cmake -S examples/cpp -B build/example -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build/install"
+cmake --build build/example
+./build/example/bsk_example
+
 echo "== pip install . (Python package) =="
 BSK_CUDA_ARCHS="$archs" "$PY" -m pip install -q --no-build-isolation .
 
