@@ -1,0 +1,155 @@
+"""BlackwellSparseK: dense and SparseK attention forward for PyTorch.
+
+Public API
+----------
+- :func:`attention` -- dense attention on BSHD tensors, like ``flash_attn_func``.
+- :func:`sdpa` -- the same on BHSD tensors with the signature of
+  ``torch.nn.functional.scaled_dot_product_attention``.
+- :func:`sparsek_attention` -- SparseK attention (docs/SPARSEK_SPEC.md).
+- :mod:`blackwell_sparsek.reference` -- the float64 CPU reference of every op (the test oracle).
+- :mod:`blackwell_sparsek.ops` -- the underlying ``torch.ops.blackwell_sparsek`` custom ops.
+
+CUDA tensors run the tensor-core kernels (float16/bfloat16, head dim 64 or 128) on the current
+torch stream; CPU tensors run the C++ reference (float16, bfloat16, float32 or float64). All of
+them trace under ``torch.compile(fullgraph=True)``. Bad arguments raise ``ValueError`` naming the
+argument; requests this build cannot serve raise ``NotImplementedError``. Forward only.
+
+Inputs are used in place (DLPack, zero copy), with one exception: a CUDA q/k/v whose data pointer
+is not 16-byte aligned or whose batch/sequence/head stride is not a multiple of 8 elements (the
+kernels load 16-byte vectors) is first copied to a contiguous tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    from . import _C
+except ImportError as _e:  # e.g. the source tree (python/) is on sys.path instead of the install
+    raise ImportError(
+        "blackwell_sparsek._C (the compiled extension) is missing or does not load: install the "
+        "package with `pip install --no-build-isolation .` from the repository root and import "
+        f"it from there, not from the python/ source folder ({_e})"
+    ) from _e
+from . import ops
+from . import reference
+
+__version__: str = _C.version()
+
+__all__ = [
+    "__version__",
+    "attention",
+    "cuda_archs",
+    "ops",
+    "reference",
+    "sdpa",
+    "sparsek_attention",
+]
+
+_attention_fwd = ops.attention_fwd
+_sparsek_fwd = ops.sparsek_fwd
+
+
+def cuda_archs() -> list:
+    """The CUDA archs this build carries machine code for (BSK_CUDA_ARCHS at build time)."""
+    return _C.cuda_archs()
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Dense attention, ``softmax(scale * q k^T) v``, on BSHD tensors (like ``flash_attn_func``).
+
+    q: [B, Sq, Hq, D]; k, v: [B, Skv, Hkv, D] with ``Hq % Hkv == 0`` (GQA/MQA); any strides with
+    the last dim contiguous. ``causal`` is bottom-right aligned (query row t sees keys
+    ``j <= t + Skv - Sq``, as in FlashAttention); rows that see no key give 0 (lse -inf).
+    ``softmax_scale`` None means ``1/sqrt(D)``.
+
+    Returns ``out`` [B, Sq, Hq, D] (q's dtype, contiguous), or ``(out, lse)`` with lse the float32
+    natural-log softmax denominator [B, Hq, Sq] when ``return_lse``.
+    """
+    out, lse = _attention_fwd(q, k, v, causal, softmax_scale)
+    return (out, lse) if return_lse else out
+
+
+def sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on 4-D BHSD tensors.
+
+    query: [B, Hq, Sq, D]; key, value: [B, Hkv, Skv, D]. The inputs are transposed to BSHD views
+    (no copy) and the result is returned as a BHSD view of a contiguous BSHD tensor.
+    ``is_causal`` follows torch's top-left alignment (row t sees keys ``j <= t``), also when
+    ``Sq != Skv``. Unsupported (``ValueError``): ``attn_mask``, ``dropout_p != 0``, and
+    ``Hq != Hkv`` without ``enable_gqa=True`` (as in torch).
+    """
+    if attn_mask is not None:
+        raise ValueError("sdpa: argument 'attn_mask': not supported; use is_causal or None")
+    if dropout_p != 0.0:
+        raise ValueError(f"sdpa: argument 'dropout_p': must be 0 (no dropout), got {dropout_p}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"sdpa: argument '{name}': must be a 4-D tensor [B, H, S, D], got {t.dim()}-D"
+            )
+    if not enable_gqa and query.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"sdpa: argument 'key': has {key.shape[1]} heads but query has {query.shape[1]}; "
+            "pass enable_gqa=True for grouped-query attention"
+        )
+    q = query.transpose(1, 2)
+    k = key.transpose(1, 2)
+    v = value.transpose(1, 2)
+    sq, skv = q.shape[1], k.shape[1]
+    if not is_causal or sq == skv:
+        out, _ = _attention_fwd(q, k, v, is_causal, scale)
+    elif sq < skv:
+        # Top-left: row t sees keys j <= t < Sq, so keys from Sq on are never used, and on the
+        # first Sq keys top-left and bottom-right alignment coincide.
+        out, _ = _attention_fwd(q, k[:, :sq], v[:, :sq], True, scale)
+    else:
+        # Sq > Skv: rows t < Skv are the square causal problem, later rows see every key.
+        head, _ = _attention_fwd(q[:, :skv], k, v, True, scale)
+        tail, _ = _attention_fwd(q[:, skv:], k, v, False, scale)
+        out = torch.cat((head, tail), dim=1)
+    return out.transpose(1, 2)
+
+
+def sparsek_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    k_budget: int,
+    window: int,
+    gate: str = "key_value",
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """SparseK attention (arXiv:2406.16747) exactly as docs/SPARSEK_SPEC.md defines it.
+
+    Each query attends causally (bottom-right aligned) to its last ``window`` keys plus the
+    ``k_budget`` earlier keys with the largest score ``u`` (float32 [B, Hkv, Skv], finite),
+    soft-gated by the SPARSEK operator. ``gate``: "key_value" (the paper's form), "value" or
+    "none" (hard top-k). q/k/v as in :func:`attention`. (The budget is called ``k`` in the paper
+    and the C++ API; it is ``k_budget`` here because ``k`` is the key tensor.)
+
+    Returns ``out`` or ``(out, lse)`` as :func:`attention`. CPU tensors only for now: the CUDA
+    kernel is not built yet (``NotImplementedError``).
+    """
+    out, lse = _sparsek_fwd(q, k, v, u, k_budget, window, gate, softmax_scale)
+    return (out, lse) if return_lse else out

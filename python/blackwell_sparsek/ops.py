@@ -1,0 +1,147 @@
+"""torch.library custom ops ``blackwell_sparsek::attention_fwd`` and ``blackwell_sparsek::sparsek_fwd``.
+
+Why custom ops: the dispatcher picks the CPU or CUDA implementation from the inputs, and the fake
+(meta) implementations let ``torch.compile(fullgraph=True)`` trace through the kernels without
+graph breaks. The ops are defined with the low-level ``torch.library.Library`` API (not
+``torch.library.custom_op``) because it adds no Python wrapper layers to every call.
+
+Contract (both ops): inputs are BSHD, ``q`` [B, Sq, Hq, D], ``k``/``v`` [B, Skv, Hkv, D],
+``Hq % Hkv == 0``; causal masking is bottom-right aligned. The ops allocate ``out`` (q's shape and
+dtype, contiguous) and ``lse`` (float32 [B, Hq, Sq], natural log) and hand every tensor to
+``blackwell_sparsek._C`` as a DLPack capsule (zero copy). Every rule is checked by the C++
+library, whose ``ValueError`` names the offending argument. ``softmax_scale=None`` (or 0) means
+``1/sqrt(D)``. On CUDA the work is queued on the current torch stream of q's device.
+
+The one input the ops change: a CUDA q/k/v that breaks the kernels' 16-byte rule (data pointer not
+16-byte aligned, or a stride of dims 0-2 not a multiple of 8 elements) but is otherwise well
+formed is copied to a fresh contiguous tensor first, so any view torch can produce works. The
+copy costs one read and one write of that tensor.
+
+The ops are forward-only: no autograd formula is registered.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch.utils.dlpack import to_dlpack as _dl
+
+from . import _C
+
+__all__ = ["attention_fwd", "sparsek_fwd"]
+
+_lib = torch.library.Library("blackwell_sparsek", "DEF")
+_lib.define(
+    "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale)"
+    " -> (Tensor out, Tensor lse)"
+)
+_lib.define(
+    "sparsek_fwd(Tensor q, Tensor k, Tensor v, Tensor u, int k_budget, int window, str gate,"
+    " float? softmax_scale) -> (Tensor out, Tensor lse)"
+)
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _outputs(q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    # empty_like / new_empty: the cheapest allocations from Python (torch.empty(shape, dtype=...,
+    # device=...) costs several microseconds more per call).
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if q.dim() == 4:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    else:  # the C++ validation rejects q's rank before it looks at lse
+        lse = q.new_empty((0, 0, 0), dtype=torch.float32)
+    return out, lse
+
+
+def _scale(softmax_scale: Optional[float]) -> float:
+    return 0.0 if softmax_scale is None else softmax_scale
+
+
+def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of a CUDA BSHD tensor that only breaks the 16-byte alignment rule."""
+    if (
+        t.dim() == 4
+        and t.dtype in _KERNEL_DTYPES
+        and t.numel() > 0
+        and (t.stride(3) == 1 or t.size(3) <= 1)
+        and (
+            t.data_ptr() % 16 != 0
+            or (t.size(0) > 1 and t.stride(0) % 8 != 0)
+            or (t.size(1) > 1 and t.stride(1) % 8 != 0)
+            or (t.size(2) > 1 and t.stride(2) % 8 != 0)
+        )
+    ):
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+# ---- attention_fwd ------------------------------------------------------------------------------
+
+
+def _attention_cpu(q, k, v, causal, softmax_scale):
+    out, lse = _outputs(q)
+    _C.attention_forward(_dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, _scale(softmax_scale), 0)
+    return out, lse
+
+
+def _attention_cuda(q, k, v, causal, softmax_scale):
+    if not q.is_cuda:  # mixed devices: let the C++ validation name the culprit
+        return _attention_cpu(q, k, v, causal, softmax_scale)
+    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+    out, lse = _outputs(q)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        _C.attention_forward(
+            _dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, _scale(softmax_scale), stream
+        )
+    return out, lse
+
+
+def _attention_fake(q, k, v, causal, softmax_scale):
+    return _outputs(q)
+
+
+_lib.impl("attention_fwd", _attention_cpu, "CPU")
+_lib.impl("attention_fwd", _attention_cuda, "CUDA")
+torch.library.register_fake("blackwell_sparsek::attention_fwd", _attention_fake, lib=_lib)
+
+
+# ---- sparsek_fwd --------------------------------------------------------------------------------
+
+
+def _sparsek_cpu(q, k, v, u, k_budget, window, gate, softmax_scale):
+    out, lse = _outputs(q)
+    _C.sparsek_attention_forward(
+        _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
+        k_budget, window, gate, _scale(softmax_scale), 0,
+    )
+    return out, lse
+
+
+def _sparsek_cuda(q, k, v, u, k_budget, window, gate, softmax_scale):
+    if not q.is_cuda:
+        return _sparsek_cpu(q, k, v, u, k_budget, window, gate, softmax_scale)
+    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+    out, lse = _outputs(q)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        _C.sparsek_attention_forward(
+            _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
+            k_budget, window, gate, _scale(softmax_scale), stream,
+        )
+    return out, lse
+
+
+def _sparsek_fake(q, k, v, u, k_budget, window, gate, softmax_scale):
+    return _outputs(q)
+
+
+_lib.impl("sparsek_fwd", _sparsek_cpu, "CPU")
+_lib.impl("sparsek_fwd", _sparsek_cuda, "CUDA")
+torch.library.register_fake("blackwell_sparsek::sparsek_fwd", _sparsek_fake, lib=_lib)
+
+#: The op overloads, resolved once (calling an OpOverload skips the packet's overload lookup).
+attention_fwd = torch.ops.blackwell_sparsek.attention_fwd.default
+sparsek_fwd = torch.ops.blackwell_sparsek.sparsek_fwd.default

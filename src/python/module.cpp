@@ -1,0 +1,310 @@
+// blackwell_sparsek._C: thin nanobind binding of libbsk.
+//
+// Every tensor argument is an nb::ndarray<> without constraints, so nanobind never copies or
+// converts: any DLPack producer (a capsule, or an object with __dlpack__) on CPU or CUDA, with
+// any strides, arrives as a zero-copy view and is translated into a bsk::TensorView. All rule
+// checking happens in libbsk's front doors (or, for the reference-only helpers that have no front
+// door, right here), so a bad argument surfaces as ValueError naming the argument.
+//
+// Exceptions: bsk::InvalidArgument -> ValueError, bsk::Unsupported -> NotImplementedError,
+// bsk::CudaError -> RuntimeError, each keeping libbsk's message. The GIL is released while libbsk
+// runs (CPU reference calls can take a while; CUDA calls only enqueue work).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "bsk/bsk.h"
+
+#ifndef BSK_PY_CUDA_ARCHS
+#define BSK_PY_CUDA_ARCHS ""
+#endif
+
+namespace nb = nanobind;
+
+namespace {
+
+using Array = nb::ndarray<>;
+
+// DLPack device types (dlpack.h: kDLCPU, kDLCUDA, kDLCUDAManaged).
+constexpr int kDLCPU = 1;
+constexpr int kDLCUDA = 2;
+constexpr int kDLCUDAManaged = 13;
+
+std::string dlpack_dtype_str(const nb::dlpack::dtype& dt) {
+  std::string code;
+  switch (static_cast<nb::dlpack::dtype_code>(dt.code)) {
+    case nb::dlpack::dtype_code::Int: code = "int"; break;
+    case nb::dlpack::dtype_code::UInt: code = "uint"; break;
+    case nb::dlpack::dtype_code::Float: code = "float"; break;
+    case nb::dlpack::dtype_code::Bfloat: code = "bfloat"; break;
+    case nb::dlpack::dtype_code::Complex: code = "complex"; break;
+    case nb::dlpack::dtype_code::Bool: code = "bool"; break;
+    default: code = "code" + std::to_string(dt.code) + "_";
+  }
+  std::string s = code + std::to_string(dt.bits);
+  if (dt.lanes != 1) s += "x" + std::to_string(dt.lanes);
+  return s;
+}
+
+bsk::DType to_dtype(const nb::dlpack::dtype& dt, const char* name) {
+  if (dt.lanes == 1) {
+    const auto code = static_cast<nb::dlpack::dtype_code>(dt.code);
+    if (code == nb::dlpack::dtype_code::Float) {
+      if (dt.bits == 16) return bsk::DType::kFloat16;
+      if (dt.bits == 32) return bsk::DType::kFloat32;
+      if (dt.bits == 64) return bsk::DType::kFloat64;
+    } else if (code == nb::dlpack::dtype_code::Bfloat && dt.bits == 16) {
+      return bsk::DType::kBFloat16;
+    } else if (code == nb::dlpack::dtype_code::Int && dt.bits == 64) {
+      return bsk::DType::kInt64;
+    }
+  }
+  throw bsk::InvalidArgument(name, "dtype " + dlpack_dtype_str(dt) +
+                                       " is not supported (float16, bfloat16, float32, float64 "
+                                       "or int64)");
+}
+
+// A zero-copy description of `a`. Only representability is checked here (dtype, device kind,
+// rank <= 4); the rules of each op are libbsk's.
+bsk::TensorView to_view(const Array& a, const char* name) {
+  if (!a.is_valid()) throw bsk::InvalidArgument(name, "must be a tensor, got None");
+  bsk::TensorView t;
+  t.dtype = to_dtype(a.dtype(), name);
+  const int dev = a.device_type();
+  if (dev == kDLCPU) {
+    t.device = {bsk::DeviceType::kCPU, 0};
+  } else if (dev == kDLCUDA || dev == kDLCUDAManaged) {
+    t.device = {bsk::DeviceType::kCUDA, a.device_id()};
+  } else {
+    throw bsk::InvalidArgument(name, "lives on DLPack device type " + std::to_string(dev) +
+                                         "; only CPU and CUDA tensors are supported");
+  }
+  const size_t ndim = a.ndim();
+  if (ndim > static_cast<size_t>(bsk::kMaxDims))
+    throw bsk::InvalidArgument(name, "has " + std::to_string(ndim) +
+                                         " dimensions; at most 4 are supported");
+  t.ndim = static_cast<int>(ndim);
+  for (size_t i = 0; i < ndim; ++i) {
+    t.shape[i] = static_cast<int64_t>(a.shape(i));
+    t.stride[i] = a.stride(i);
+  }
+  t.data = a.data();
+  return t;
+}
+
+bsk::Stream to_stream(std::uintptr_t stream) { return reinterpret_cast<bsk::Stream>(stream); }
+
+bsk::Gate to_gate(const std::string& gate) {
+  if (gate == "key_value") return bsk::Gate::kKeyValue;
+  if (gate == "value") return bsk::Gate::kValue;
+  if (gate == "none") return bsk::Gate::kNone;
+  throw bsk::InvalidArgument("gate", "must be 'key_value', 'value' or 'none', got '" + gate + "'");
+}
+
+// ---- checks for the reference-only helpers (libbsk's bsk::ref functions do not validate) ----
+
+void check_cpu(const bsk::TensorView& t, const char* name, bsk::DType dtype) {
+  if (t.device.type != bsk::DeviceType::kCPU)
+    throw bsk::InvalidArgument(name, "must be a CPU tensor (this is a CPU reference)");
+  if (t.dtype != dtype)
+    throw bsk::InvalidArgument(name, std::string("dtype must be ") + bsk::dtype_name(dtype) +
+                                         ", got " + bsk::dtype_name(t.dtype));
+  for (int i = 0; i < t.ndim; ++i)
+    if (t.stride[i] < 0) throw bsk::InvalidArgument(name, "strides must be non-negative");
+}
+
+// A contiguous 1-D CPU vector of the given dtype; returns its length.
+int64_t check_vector(const bsk::TensorView& t, const char* name, bsk::DType dtype) {
+  check_cpu(t, name, dtype);
+  if (t.ndim != 1)
+    throw bsk::InvalidArgument(name, "must be a 1-D tensor, got " + std::to_string(t.ndim) + "-D");
+  if (t.shape[0] > 1 && t.stride[0] != 1)
+    throw bsk::InvalidArgument(name, "must be contiguous (stride 1), got stride " +
+                                         std::to_string(t.stride[0]));
+  return t.shape[0];
+}
+
+void check_len(int64_t n, int64_t want, const char* name, const char* what) {
+  if (n != want)
+    throw bsk::InvalidArgument(name, std::string("must have ") + what + " (" +
+                                         std::to_string(want) + ") entries, got " +
+                                         std::to_string(n));
+}
+
+void check_budget(int64_t k) {
+  if (k < 0) throw bsk::InvalidArgument("k", "must be >= 0, got " + std::to_string(k));
+}
+
+// ---- bound functions ----
+
+void attention_forward(const Array& q, const Array& k, const Array& v, const Array& out,
+                       const Array& lse, bool causal, float softmax_scale, std::uintptr_t stream) {
+  const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
+                        to = to_view(out, "out");
+  bsk::TensorView tl;
+  const bool has_lse = lse.is_valid();
+  if (has_lse) tl = to_view(lse, "lse");
+  bsk::AttentionParams p;
+  p.causal = causal;
+  p.softmax_scale = softmax_scale;
+  nb::gil_scoped_release release;
+  bsk::attention_forward(tq, tk, tv, to, has_lse ? &tl : nullptr, p, to_stream(stream));
+}
+
+void sparsek_attention_forward(const Array& q, const Array& k, const Array& v, const Array& u,
+                               const Array& out, const Array& lse, int64_t k_budget,
+                               int64_t window, const std::string& gate, float softmax_scale,
+                               std::uintptr_t stream) {
+  const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
+                        tu = to_view(u, "u"), to = to_view(out, "out");
+  bsk::TensorView tl;
+  const bool has_lse = lse.is_valid();
+  if (has_lse) tl = to_view(lse, "lse");
+  bsk::SparseKParams p;
+  p.k = k_budget;
+  p.w = window;
+  p.gate = to_gate(gate);
+  p.softmax_scale = softmax_scale;
+  nb::gil_scoped_release release;
+  bsk::sparsek_attention_forward(tq, tk, tv, tu, to, has_lse ? &tl : nullptr, p,
+                                 to_stream(stream));
+}
+
+double sparsek_gates(const Array& z, int64_t k, const Array& gates) {
+  const bsk::TensorView tz = to_view(z, "z"), tg = to_view(gates, "gates");
+  const int64_t m = check_vector(tz, "z", bsk::DType::kFloat32);
+  check_len(check_vector(tg, "gates", bsk::DType::kFloat32), m, "gates", "the length of z");
+  check_budget(k);
+  nb::gil_scoped_release release;
+  return bsk::ref::sparsek_gates(static_cast<const float*>(tz.data), m, k,
+                                 static_cast<float*>(tg.data));
+}
+
+void sparsek_gates_vjp(const Array& gates, const Array& grad_gates, const Array& grad_z) {
+  const bsk::TensorView tg = to_view(gates, "gates"), tgg = to_view(grad_gates, "grad_gates"),
+                        tgz = to_view(grad_z, "grad_z");
+  const int64_t m = check_vector(tg, "gates", bsk::DType::kFloat32);
+  check_len(check_vector(tgg, "grad_gates", bsk::DType::kFloat32), m, "grad_gates",
+            "the length of gates");
+  check_len(check_vector(tgz, "grad_z", bsk::DType::kFloat32), m, "grad_z",
+            "the length of gates");
+  nb::gil_scoped_release release;
+  bsk::ref::sparsek_gates_vjp(static_cast<const float*>(tg.data),
+                              static_cast<const float*>(tgg.data), m,
+                              static_cast<float*>(tgz.data));
+}
+
+int64_t topk_select(const Array& z, int64_t k, const Array& idx) {
+  const bsk::TensorView tz = to_view(z, "z"), ti = to_view(idx, "idx");
+  const int64_t m = check_vector(tz, "z", bsk::DType::kFloat32);
+  const int64_t n = check_vector(ti, "idx", bsk::DType::kInt64);
+  check_budget(k);
+  const int64_t want = std::min(k, m);
+  if (n < want)
+    throw bsk::InvalidArgument("idx", "must hold min(k, len(z)) = " + std::to_string(want) +
+                                          " entries, got " + std::to_string(n));
+  nb::gil_scoped_release release;
+  return bsk::ref::topk_select(static_cast<const float*>(tz.data), m, k,
+                               static_cast<int64_t*>(ti.data));
+}
+
+void sparsek_scores(const Array& x, const Array& w_score, const Array& slope, const Array& u) {
+  const bsk::TensorView tx = to_view(x, "x"), tw = to_view(w_score, "w_score"),
+                        ts = to_view(slope, "slope"), tu = to_view(u, "u");
+  const struct {
+    const bsk::TensorView* t;
+    const char* name;
+    int ndim;
+    const char* layout;
+  } args[] = {{&tx, "x", 3, "[B, S, Dmodel]"},
+              {&tw, "w_score", 2, "[Dmodel, Hkv]"},
+              {&ts, "slope", 1, "[Hkv]"},
+              {&tu, "u", 3, "[B, Hkv, S]"}};
+  for (const auto& a : args) {
+    check_cpu(*a.t, a.name, bsk::DType::kFloat32);
+    if (a.t->ndim != a.ndim)
+      throw bsk::InvalidArgument(a.name, "must be a " + std::to_string(a.ndim) + "-D tensor " +
+                                             a.layout + ", got " + std::to_string(a.t->ndim) +
+                                             "-D");
+  }
+  const int64_t B = tx.shape[0], S = tx.shape[1], Dm = tx.shape[2], H = tw.shape[1];
+  if (tw.shape[0] != Dm)
+    throw bsk::InvalidArgument("w_score", "first dim must match x's last dim (" +
+                                              std::to_string(Dm) + "), got " +
+                                              std::to_string(tw.shape[0]));
+  check_len(ts.shape[0], H, "slope", "Hkv = w_score.shape[1]");
+  if (tu.shape[0] != B || tu.shape[1] != H || tu.shape[2] != S)
+    throw bsk::InvalidArgument("u", "must have shape [B, Hkv, S] = [" + std::to_string(B) + ", " +
+                                        std::to_string(H) + ", " + std::to_string(S) + "]");
+  for (int i = 0; i < 3; ++i)
+    if (tu.shape[i] > 1 && tu.stride[i] == 0)
+      throw bsk::InvalidArgument("u", "is an output and must not have a zero stride");
+  nb::gil_scoped_release release;
+  bsk::ref::sparsek_scores(tx, tw, ts, tu);
+}
+
+std::vector<std::string> cuda_archs() {
+  std::vector<std::string> archs;
+  std::string s = BSK_PY_CUDA_ARCHS;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t end = std::min(s.find(',', start), s.size());
+    if (end > start) archs.push_back(s.substr(start, end - start));
+    start = end + 1;
+  }
+  return archs;
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() =
+      "Bindings of libbsk (BlackwellSparseK). Tensors are taken zero-copy through DLPack (capsules "
+      "or objects with __dlpack__), on CPU or CUDA, with any strides. Use the blackwell_sparsek "
+      "package instead of calling this directly.";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const bsk::InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const bsk::Unsupported& e) {
+      PyErr_SetString(PyExc_NotImplementedError, e.what());
+    } catch (const bsk::CudaError& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  m.def("attention_forward", &attention_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("out"), nb::arg("lse").none(), nb::arg("causal") = false,
+        nb::arg("softmax_scale") = 0.0f, nb::arg("stream") = 0,
+        "Dense attention forward into `out` (and `lse` unless None). BSHD q [B,Sq,Hq,D], k/v "
+        "[B,Skv,Hkv,D]; causal is bottom-right aligned; softmax_scale 0 means 1/sqrt(D). CUDA work "
+        "is queued on `stream` (a cudaStream_t as int, 0 = legacy default) and not waited for.");
+  m.def("sparsek_attention_forward", &sparsek_attention_forward, nb::arg("q"), nb::arg("k"),
+        nb::arg("v"), nb::arg("u"), nb::arg("out"), nb::arg("lse").none(), nb::arg("k_budget"),
+        nb::arg("window"), nb::arg("gate") = "key_value", nb::arg("softmax_scale") = 0.0f,
+        nb::arg("stream") = 0,
+        "SparseK attention forward (docs/SPARSEK_SPEC.md) into `out`/`lse`: window `window` plus "
+        "the `k_budget` best-scored earlier keys by u [B,Hkv,Skv] float32; gate is 'key_value', "
+        "'value' or 'none'.");
+  m.def("sparsek_gates", &sparsek_gates, nb::arg("z"), nb::arg("k"), nb::arg("gates"),
+        "SPARSEK operator on one contiguous float32 CPU vector z: writes gates, returns tau.");
+  m.def("sparsek_gates_vjp", &sparsek_gates_vjp, nb::arg("gates"), nb::arg("grad_gates"),
+        nb::arg("grad_z"),
+        "Vector-Jacobian product of the SPARSEK gates w.r.t. z, written into grad_z.");
+  m.def("topk_select", &topk_select, nb::arg("z"), nb::arg("k"), nb::arg("idx"),
+        "Writes the indices of the min(k, len(z)) winners of z (larger value first, ties toward "
+        "the larger index) into int64 idx; returns the count.");
+  m.def("sparsek_scores", &sparsek_scores, nb::arg("x"), nb::arg("w_score"), nb::arg("slope"),
+        nb::arg("u"),
+        "The paper's scorer u[b,h,j] = x[b,j,:] . w_score[:,h] + slope[h] * j (float32 CPU).");
+  m.def("cuda_archs", &cuda_archs, "The CUDA archs this build has machine code for.");
+  m.def("version", []() { return std::string(BSK_VERSION); }, "libbsk's version string.");
+}
