@@ -35,9 +35,9 @@ step test bash scripts/test.sh
 build=build/cmake
 if [ -x $build/tests/cpp/bsk_tests ]; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-    $build/tests/cpp/bsk_tests --gtest_filter='*Gpu*'
+    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpu*'
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
-    $build/tests/cpp/bsk_tests --gtest_filter='*Gpu*Seed*:*Gpu*Causal*'
+    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpuTest*/Seed*:*DenseGpuTest*/S17*'
 fi
 for s in $suites; do
   step "bench_$s" python3 -m blackwell_sparsek.bench --suite "$s" --out "$OUT/bench"

@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <initializer_list>
 
+// The CUDA runtime's stream type (cudaStream_t is CUstream_st*), declared at global scope so that
+// bsk::Stream is that very type whether or not a CUDA header was included first.
+struct CUstream_st;
+
 namespace bsk {
 
 enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64, kInt64 };
@@ -19,7 +23,7 @@ struct Device {
 };
 
 // Same type as cudaStream_t, spelled without pulling CUDA headers into user code.
-using Stream = struct CUstream_st*;
+using Stream = ::CUstream_st*;
 
 inline constexpr int kMaxDims = 4;
 

@@ -49,6 +49,7 @@ void check_same_shape(const TensorView& t, const char* name, const TensorView& r
 
 // Outputs must not alias themselves: a zero stride on a dim of size > 1 would.
 void check_no_self_overlap(const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;
   for (int i = 0; i < t.ndim; ++i)
     if (t.shape[i] > 1 && t.stride[i] == 0)
       throw InvalidArgument(name, "is an output and must not have a zero stride (dim " +
@@ -59,8 +60,13 @@ void check_cuda_pointer(const TensorView& t, const char* name) {
   if (t.numel() == 0) return;
   cudaPointerAttributes attr{};
   cudaError_t err = cudaPointerGetAttributes(&attr, t.data);
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) {
+    cudaGetLastError();
+    throw Unsupported(std::string(name) + " is a CUDA tensor but CUDA is unusable here: " +
+                      cudaGetErrorString(err));
+  }
   if (err != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error so later calls are not blamed
+    cudaGetLastError();  // not sticky: clear it so later calls are not blamed
     throw InvalidArgument(name, "is marked as a CUDA tensor but its pointer is not known to CUDA (" +
                                     std::string(cudaGetErrorString(err)) + ")");
   }
@@ -173,8 +179,9 @@ AttnShape check_attention_args(const TensorView& q, const TensorView& k, const T
 }
 
 float resolve_softmax_scale(float softmax_scale, int64_t head_dim) {
-  if (!std::isfinite(softmax_scale))
-    throw InvalidArgument("softmax_scale", "must be finite (0 selects 1/sqrt(head_dim))");
+  // The kernels mask with -inf before scaling, which needs a positive scale.
+  if (!std::isfinite(softmax_scale) || softmax_scale < 0.0f)
+    throw InvalidArgument("softmax_scale", "must be finite and >= 0 (0 selects 1/sqrt(head_dim))");
   if (softmax_scale == 0.0f) return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   return softmax_scale;
 }
