@@ -16,6 +16,7 @@ export BSK_GTEST_SOURCE_DIR=${BSK_GTEST_SOURCE_DIR:-$root/.deps/googletest}
 export BSK_CUDA_ARCHS=${BSK_CUDA_ARCHS:-80;90a}
 export PYTHONUNBUFFERED=1
 suites=${BSK_BENCH_SUITES:-seed}
+export BSK_CMAKE_ARGS="${BSK_CMAKE_ARGS:-} -DBSK_BUILD_TUNING=ON"
 
 summary=()
 step() {  # step NAME COMMAND...: runs, logs to $logs/NAME.log, records status and time
@@ -39,6 +40,7 @@ if [ -x $build/tests/cpp/bsk_tests ]; then
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
     $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpuTest*/Seed*:*DenseGpuTest*/S17*'
 fi
+[ -x $build/bsk_dense_tune ] && step tune $build/bsk_dense_tune
 for s in $suites; do
   step "bench_$s" python3 -m blackwell_sparsek.bench --suite "$s" --out "$OUT/bench"
 done
@@ -47,8 +49,6 @@ echo
 echo "================ summary ================"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 grep -h -E "passed|failed|tests passed|SKIPPED" "$logs/test.log" | tail -n 4 | tee -a "$OUT/summary.txt"
-for s in $suites; do
-  md=$(ls -t "$OUT"/bench/*.md 2>/dev/null | head -n 1)
-  [ -n "$md" ] && cat "$md"
-done
+[ -f "$logs/tune.log" ] && cat "$logs/tune.log"
+for md in "$OUT"/bench/*.md; do [ -f "$md" ] && grep -E '^\|' "$md"; done
 tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$logs"

@@ -12,7 +12,8 @@ jobs=${BSK_JOBS:-$(nproc)}
 
 echo "== build libbsk + C++ tests (archs: $archs) =="
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBSK_CUDA_ARCHS="$archs" \
-  -DBSK_BUILD_TESTS=ON ${BSK_GTEST_SOURCE_DIR:+-DBSK_GTEST_SOURCE_DIR="$BSK_GTEST_SOURCE_DIR"}
+  -DBSK_BUILD_TESTS=ON ${BSK_GTEST_SOURCE_DIR:+-DBSK_GTEST_SOURCE_DIR="$BSK_GTEST_SOURCE_DIR"} \
+  ${BSK_CMAKE_ARGS:-}
 cmake --build "$build" -j"$jobs"
 
 echo "== ctest =="

@@ -189,14 +189,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           // A row that has seen no key yet keeps max -inf: use 0 as offset so exp2 gives 0s.
           const float base = mx == kNegInf ? 0.f : mx * p.scale_log2;
-          const float corr = exp2f(row_m[mt][r] * p.scale_log2 - base);
+          const float corr = sm80::fast_exp2(row_m[mt][r] * p.scale_log2 - base);
           row_m[mt][r] = mx;
           float sum = 0.f;
 #pragma unroll
           for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const float pe = exp2f(fmaf(s[mt][nt][2 * r + e], p.scale_log2, -base));
+              const float pe = sm80::fast_exp2(fmaf(s[mt][nt][2 * r + e], p.scale_log2, -base));
               s[mt][nt][2 * r + e] = pe;
               sum += pe;
             }

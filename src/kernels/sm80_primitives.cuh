@@ -78,6 +78,15 @@ __device__ __forceinline__ void cp_async_wait() {
   cute::cp_async_wait<N>();
 }
 
+// 2^x on the special-function unit, denormals flushed. exp2f() without -ftz adds three
+// instructions per call to handle denormal results, which softmax weights never need. CuTe has
+// no wrapper for ex2, hence the one line of PTX.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <typename Elem>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <>
