@@ -136,32 +136,33 @@ void shipped_reference(Buffers<Elem>& buf) {
 }  // namespace
 
 int main() {
-  std::printf("| case | config (BM,BN,warps,QinRegs) | ms | TFLOP/s | max|diff| vs shipped |\n");
+  std::printf("| case | config (BM,BN,warps,QinRegs,stages) | ms | TFLOP/s | max|diff| vs shipped |\n");
   std::printf("|---|---|---:|---:|---:|\n");
   using namespace bsk::kernels;
   {
     const Case c{"seed B16 S512 H96 D64 fp16", 16, 512, 96, 96, 64, false};
     Buffers<__half> buf(c, DType::kFloat16);
     shipped_reference(buf);
-    run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, true>>("128,64,4,Q (shipped)", c, buf);
-    run_variant<DenseFwdConfig<__half, 64, 128, 64, 8, true>>("128,64,8,Q", c, buf);
-    run_variant<DenseFwdConfig<__half, 64, 128, 128, 8, true>>("128,128,8,Q", c, buf);
-    run_variant<DenseFwdConfig<__half, 64, 64, 64, 4, true>>("64,64,4,Q", c, buf);
-    run_variant<DenseFwdConfig<__half, 64, 128, 32, 4, true>>("128,32,4,Q", c, buf);
-    run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, false>>("128,64,4,-", c, buf);
+    run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, true, 1>>("128,64,4,Q,1 (shipped)", c, buf);
+    run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, true, 2>>("128,64,4,Q,2", c, buf);
+    run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, false, 2>>("128,64,4,-,2", c, buf);
+    run_variant<DenseFwdConfig<__half, 64, 64, 64, 4, true, 2>>("64,64,4,Q,2", c, buf);
+    run_variant<DenseFwdConfig<__half, 64, 128, 64, 8, true, 2>>("128,64,8,Q,2", c, buf);
+    run_variant<DenseFwdConfig<__half, 64, 128, 32, 4, true, 2>>("128,32,4,Q,2", c, buf);
   }
   for (bool causal : {false, true}) {
     const Case c{causal ? "long B8 S4096 32/8 D128 causal" : "long B8 S4096 32/8 D128", 8, 4096,
                  32, 8, 128, causal};
     Buffers<__nv_bfloat16> buf(c, DType::kBFloat16);
     shipped_reference(buf);
-    run_variant<DenseFwdConfig<__nv_bfloat16, 128, 128, 32, 4, false>>("128,32,4,- (shipped)", c,
-                                                                       buf);
-    run_variant<DenseFwdConfig<__nv_bfloat16, 128, 128, 64, 8, false>>("128,64,8,-", c, buf);
-    run_variant<DenseFwdConfig<__nv_bfloat16, 128, 128, 64, 8, true>>("128,64,8,Q", c, buf);
-    run_variant<DenseFwdConfig<__nv_bfloat16, 128, 128, 32, 8, true>>("128,32,8,Q", c, buf);
-    run_variant<DenseFwdConfig<__nv_bfloat16, 128, 64, 64, 4, true>>("64,64,4,Q", c, buf);
-    run_variant<DenseFwdConfig<__nv_bfloat16, 128, 64, 32, 4, true>>("64,32,4,Q", c, buf);
+    using E = __nv_bfloat16;
+    run_variant<DenseFwdConfig<E, 128, 64, 64, 4, true, 1>>("64,64,4,Q,1 (shipped)", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 64, 64, 4, true, 2>>("64,64,4,Q,2", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 64, 64, 4, false, 2>>("64,64,4,-,2", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 128, 64, 8, true, 2>>("128,64,8,Q,2", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 128, 64, 8, true, 1>>("128,64,8,Q,1", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 64, 128, 4, true, 1>>("64,128,4,Q,1", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 128, 32, 4, false, 2>>("128,32,4,-,2", c, buf);
   }
   return 0;
 }

@@ -6,8 +6,10 @@
 //   S = Q K^T (mma.sync m16n8k16, f32 accumulate) -> mask -> online softmax in registers
 //   -> O += P V with P re-packed from the S accumulators (the C layout of two n-tiles is the A
 //   layout of one k-step, so P never touches shared memory).
-// Loads are cp.async with one K and one V buffer: V(j) streams in during Q K(j)^T, K(j+1) during
-// softmax and P V(j). The loop order is fixed, so results are bitwise reproducible.
+// Loads are cp.async. kStages = 1: one K and one V buffer, V(j) streams in during Q K(j)^T and
+// K(j+1) during softmax and P V(j). kStages = 2: double buffers, K/V(j+1) stream in during all of
+// block j, one barrier per block. The output goes out through shared memory in 16-byte rows.
+// The loop order is fixed, so results are bitwise reproducible.
 #pragma once
 
 #include <cmath>
@@ -36,7 +38,8 @@ struct DenseFwdParams {
   bool causal;
 };
 
-template <typename Elem_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_, bool kQInRegs_>
+template <typename Elem_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_, bool kQInRegs_,
+          int kStages_ = 1>
 struct DenseFwdConfig {
   using Elem = Elem_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -47,9 +50,11 @@ struct DenseFwdConfig {
   // Keeping Q's fragments in registers saves re-reading it from shared memory every KV block;
   // worth it only while the O accumulators leave room (head dim 64).
   static constexpr bool kQInRegs = kQInRegs_;
+  static constexpr int kStages = kStages_;
   static constexpr int kRowTiles = kBlockM / (16 * kWarps);  // 16-row tiles per warp
-  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kHeadDim * sizeof(Elem);
+  static constexpr int kSmemBytes = (kBlockM + 2 * kStages * kBlockN) * kHeadDim * sizeof(Elem);
   static_assert(kBlockM % (16 * kWarps) == 0 && kBlockN % 16 == 0 && kHeadDim % 64 == 0);
+  static_assert(kStages == 1 || kStages == 2);
 };
 
 template <class Cfg>
@@ -62,8 +67,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Elem* sQ = reinterpret_cast<Elem*>(smem_raw);
-  Elem* sK = sQ + BM * D;
-  Elem* sV = sK + BN * D;
+  Elem* const sK0 = sQ + BM * D;
+  Elem* const sV0 = sK0 + Cfg::kStages * BN * D;
 
   // Heaviest causal blocks (last rows) first, so the tail of the grid is short.
   const int m_block = gridDim.x - 1 - blockIdx.x;
@@ -101,7 +106,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   if (n_blocks > 0) {
     using namespace kernels::sm80;
     load_tile_async<BM, D, kThreads>(sQ, qg, p.q_ss, m0, p.seqlen_q);
-    load_tile_async<BN, D, kThreads>(sK, kg, p.k_ss, 0, p.seqlen_k);
+    load_tile_async<BN, D, kThreads>(sK0, kg, p.k_ss, 0, p.seqlen_k);
+    if constexpr (Cfg::kStages == 2) load_tile_async<BN, D, kThreads>(sV0, vg, p.v_ss, 0, p.seqlen_k);
     cp_async_commit();
 
     uint32_t qf[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
@@ -117,10 +123,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
     for (int nb = 0; nb < n_blocks; ++nb) {
       const int n0 = nb * BN;
+      Elem* const sK = sK0 + (Cfg::kStages == 2 ? (nb & 1) * BN * D : 0);
+      Elem* const sV = sV0 + (Cfg::kStages == 2 ? (nb & 1) * BN * D : 0);
       cp_async_wait<0>();
-      __syncthreads();  // K(nb) landed; every warp is done with V(nb-1)
-      load_tile_async<BN, D, kThreads>(sV, vg, p.v_ss, n0, p.seqlen_k);
-      cp_async_commit();
+      if constexpr (Cfg::kStages == 2) {
+        __syncthreads();  // K/V(nb) landed; every warp is done with block nb-1's buffers
+        if (nb + 1 < n_blocks) {
+          const int other = ((nb + 1) & 1) * BN * D;
+          load_tile_async<BN, D, kThreads>(sK0 + other, kg, p.k_ss, n0 + BN, p.seqlen_k);
+          load_tile_async<BN, D, kThreads>(sV0 + other, vg, p.v_ss, n0 + BN, p.seqlen_k);
+          cp_async_commit();
+        }
+      } else {
+        __syncthreads();  // K(nb) landed; every warp is done with V(nb-1)
+        load_tile_async<BN, D, kThreads>(sV, vg, p.v_ss, n0, p.seqlen_k);
+        cp_async_commit();
+      }
 
       float s[MT][BN / 8][4];
 #pragma unroll
@@ -169,11 +187,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             }
       }
 
-      cp_async_wait<0>();
-      __syncthreads();  // V(nb) landed; every warp is done with K(nb)
-      if (nb + 1 < n_blocks) {
-        load_tile_async<BN, D, kThreads>(sK, kg, p.k_ss, n0 + BN, p.seqlen_k);
-        cp_async_commit();
+      if constexpr (Cfg::kStages == 1) {
+        cp_async_wait<0>();
+        __syncthreads();  // V(nb) landed; every warp is done with K(nb)
+        if (nb + 1 < n_blocks) {
+          load_tile_async<BN, D, kThreads>(sK, kg, p.k_ss, n0 + BN, p.seqlen_k);
+          cp_async_commit();
+        }
       }
 
       // Online softmax. Max and sums run on unscaled logits; the scale folds into one FFMA.
@@ -232,27 +252,39 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   }
 
-  // Epilogue: finish the row sums across the quad, normalize, store O and the LSE.
+  // Epilogue: finish the row sums across the quad, normalize, stage each warp's rows in its own
+  // rows of sQ (no other warp reads them, so a warp barrier suffices), then store 16-byte chunks
+  // so that consecutive lanes write consecutive bytes of a row.
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int mt = 0; mt < MT; ++mt) {
+    Elem* const stage = sQ + (mt * Cfg::kWarps + warp) * 16 * D;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float l = row_l[mt][r];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int row = m0 + mt * 16 * Cfg::kWarps + warp * 16 + g + 8 * r;
-      if (row < p.seqlen_q) {
-        Elem* orow = p.out + b * p.o_sb + row * p.o_ss + h * p.o_sh;
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt)
-          *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) =
-              sm80::pack2<Elem>(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
-        if (p.lse != nullptr && t == 0)
-          p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
-              l > 0.f ? row_m[mt][r] * p.softmax_scale + logf(l) : kNegInf;
-      }
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(stage + sm80::swizzle<D>(g + 8 * r, dt * 8 + 2 * t)) =
+            sm80::pack2<Elem>(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
+      const int row = m0 + mt * 16 * Cfg::kWarps + warp * 16 + g + 8 * r;
+      if (p.lse != nullptr && t == 0 && row < p.seqlen_q)
+        p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
+            l > 0.f ? row_m[mt][r] * p.softmax_scale + logf(l) : kNegInf;
     }
+    __syncwarp();
+    constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+    for (int i = 0; i < 16 * kChunksPerRow / 32; ++i) {
+      const int c = lane + 32 * i;
+      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      const int row = m0 + mt * 16 * Cfg::kWarps + warp * 16 + r;
+      if (row < p.seqlen_q)
+        *reinterpret_cast<uint4*>(p.out + b * p.o_sb + row * p.o_ss + h * p.o_sh + col) =
+            *reinterpret_cast<const uint4*>(stage + sm80::swizzle<D>(r, col));
+    }
+  }
 }
 
 }  // namespace bsk::kernels
