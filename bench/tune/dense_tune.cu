@@ -143,8 +143,8 @@ int main() {
     const Case c{"seed B16 S512 H96 D64 fp16", 16, 512, 96, 96, 64, false};
     Buffers<__half> buf(c, DType::kFloat16);
     shipped_reference(buf);
-    run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, true, 1>>("128,64,4,Q,1 (shipped)", c, buf);
-    run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, true, 2>>("128,64,4,Q,2", c, buf);
+    run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, true, 2>>("128,64,4,Q,2 (shipped)", c, buf);
+    run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, true, 1>>("128,64,4,Q,1", c, buf);
     run_variant<DenseFwdConfig<__half, 64, 128, 64, 4, false, 2>>("128,64,4,-,2", c, buf);
     run_variant<DenseFwdConfig<__half, 64, 64, 64, 4, true, 2>>("64,64,4,Q,2", c, buf);
     run_variant<DenseFwdConfig<__half, 64, 128, 64, 8, true, 2>>("128,64,8,Q,2", c, buf);
@@ -159,6 +159,8 @@ int main() {
     run_variant<DenseFwdConfig<E, 128, 64, 64, 4, true, 1>>("64,64,4,Q,1 (shipped)", c, buf);
     run_variant<DenseFwdConfig<E, 128, 64, 64, 4, true, 2>>("64,64,4,Q,2", c, buf);
     run_variant<DenseFwdConfig<E, 128, 64, 64, 4, false, 2>>("64,64,4,-,2", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 128, 64, 4, false, 1>>("128,64,4,-,1", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 128, 32, 4, false, 1>>("128,32,4,-,1", c, buf);
     run_variant<DenseFwdConfig<E, 128, 128, 64, 8, true, 2>>("128,64,8,Q,2", c, buf);
     run_variant<DenseFwdConfig<E, 128, 128, 64, 8, true, 1>>("128,64,8,Q,1", c, buf);
     run_variant<DenseFwdConfig<E, 128, 64, 128, 4, true, 1>>("64,128,4,Q,1", c, buf);

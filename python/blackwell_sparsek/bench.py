@@ -394,7 +394,8 @@ def render_markdown(report):
         lines += ["**QUICK SMOKE RUN: reduced sizes and reps, not quotable.**", ""]
     if fails:
         lines += [f"**CORRECTNESS FAILURES ({len(fails)}): {', '.join(fails)}**", ""]
-    lines += [f"GPU {env.get('gpu')}, SM clock {env.get('sm_clock')} "
+    lines += [f"GPU {env.get('gpu')}, SM clock {env.get('sm_clock')} at start and "
+              f"{env.get('sm_clock_after_run')} right after the run "
               f"(max {env.get('sm_clock_max')}), driver {env.get('driver')}, "
               f"CUDA {env.get('cuda')}, PyTorch {env.get('torch')}, "
               f"cuDNN {env.get('cudnn')}, commit {env.get('git_commit')}"
@@ -515,6 +516,10 @@ def main(argv=None):
     for i, case in enumerate(cases):
         print(f"[{i + 1}/{len(cases)}] {case['name']}", file=sys.stderr, flush=True)
         report["results"].append(run_case(case, args.peers, i, l2, args.quick))
+    # The clock read at start is usually the idle one; this one is read right after the last
+    # timed case, while the GPU is still at its working clock.
+    smi = _cmd(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader"])
+    env["sm_clock_after_run"] = smi.splitlines()[0].strip() if smi else None
     base, md, plotted = write_outputs(report, args.out, stamp)
     print(md)
     print(f"wrote {base}.json, {base}.md" + (f", {base}.png" if plotted else ""))

@@ -12,14 +12,16 @@
 namespace bsk::detail {
 namespace {
 
-// Tile shapes per head dim, chosen with bench/tune/dense_tune.cu on an H200 (results in
-// bench/results/tuning.md). Head dim 64: 128 query rows per CTA, 2 row tiles per warp so each K/V
-// fragment feeds two MMAs, Q in registers. Head dim 128: the O accumulators leave no room for
-// that, so 64 rows per CTA, one row tile per warp, Q in registers.
+// Tile shapes per head dim, chosen with bench/tune/dense_tune.cu on an H200 (bench/results/
+// tuning.md). Head dim 64: 128 query rows per CTA, 2 row tiles per warp so each K/V fragment
+// feeds two MMAs, Q in registers, double-buffered K/V. Head dim 128: the O accumulators leave no
+// room for two row tiles, so 64 rows per CTA, one row tile per warp, Q in registers; double
+// buffering measured slower there.
 template <typename Elem, int kHeadDim>
 using DenseFwdSm80Config =
     kernels::DenseFwdConfig<Elem, kHeadDim, /*kBlockM=*/kHeadDim == 64 ? 128 : 64,
-                            /*kBlockN=*/64, /*kWarps=*/4, /*kQInRegs=*/true, /*kStages=*/1>;
+                            /*kBlockN=*/64, /*kWarps=*/4, /*kQInRegs=*/true,
+                            /*kStages=*/kHeadDim == 64 ? 2 : 1>;
 
 template <typename Elem>
 void dispatch_head_dim(const DenseFwdArgs& a, int device, cudaStream_t stream) {
