@@ -38,7 +38,7 @@ if [ -x $build/tests/cpp/bsk_tests ]; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
     $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpu*'
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
-    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpuTest*/Seed*:*DenseGpuTest*/S17*'
+    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpuTest*/Seed*:*DenseGpuTest*/S17*:*DenseGpuTest*/D128*'
 fi
 [ -x $build/bsk_dense_tune ] && step tune $build/bsk_dense_tune
 for s in $suites; do
