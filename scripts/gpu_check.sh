@@ -34,6 +34,8 @@ step env bash -c 'nvidia-smi; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.s
 step deps bash -c 'source scripts/deps.sh'
 step test bash scripts/test.sh
 build=build/cmake
+# What the fat binary carries: SASS per listed arch plus PTX for the newest generic one.
+step fatbin bash -c "cuobjdump --list-elf --list-ptx $build/libbsk.a | sed -E 's/.*\\.(sm_[0-9a]+|compute_[0-9a]+)\\..*/\\1/' | sort | uniq -c"
 if [ -x $build/tests/cpp/bsk_tests ]; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
     $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpu*'

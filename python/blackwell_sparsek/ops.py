@@ -91,11 +91,11 @@ def _attention_cuda(q, k, v, causal, softmax_scale):
         return _attention_cpu(q, k, v, causal, softmax_scale)
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     out, lse = _outputs(q)
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        _C.attention_forward(
-            _dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, _scale(softmax_scale), stream
-        )
+    # No torch.cuda.device context: libbsk makes q's device current itself (and restores it).
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    _C.attention_forward(
+        _dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, _scale(softmax_scale), stream
+    )
     return out, lse
 
 
@@ -125,12 +125,11 @@ def _sparsek_cuda(q, k, v, u, k_budget, window, gate, softmax_scale):
         return _sparsek_cpu(q, k, v, u, k_budget, window, gate, softmax_scale)
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     out, lse = _outputs(q)
-    with torch.cuda.device(q.device):
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        _C.sparsek_attention_forward(
-            _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
-            k_budget, window, gate, _scale(softmax_scale), stream,
-        )
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    _C.sparsek_attention_forward(
+        _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
+        k_budget, window, gate, _scale(softmax_scale), stream,
+    )
     return out, lse
 
 
