@@ -51,24 +51,29 @@ __device__ __forceinline__ void ldsm_x4_trans(const void* smem, uint32_t (&r)[4]
 }
 
 // Asynchronously copies rows [row0, row0 + kRows) x kDim of a global matrix (row stride in
-// elements) into a swizzled shared tile. Rows at or past `rows_valid` are zero-filled and their
-// source address is clamped to row 0 so no out-of-range address is ever formed.
+// elements) into a swizzled shared tile. Each pass of the CTA covers kRowsPerPass rows, a multiple
+// of 8, so a thread's swizzle pattern is the same in every pass and its addresses advance by one
+// fixed stride: two address registers per tile instead of two per pass. Rows at or past
+// `rows_valid` are zero-filled from a clamped (in-range) source address.
 template <int kRows, int kDim, int kThreads, typename Elem>
 __device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* gmem, int64_t row_stride,
                                                 int row0, int rows_valid) {
   constexpr int kChunksPerRow = kDim / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "tile must split evenly over the threads");
+  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0 && kRowsPerPass % 8 == 0 &&
+                    kRows % kRowsPerPass == 0,
+                "tile must split into whole passes of 8-row multiples");
+  const int r = threadIdx.x / kChunksPerRow;
+  const int c = (threadIdx.x % kChunksPerRow) * 8;
+  const Elem* src = gmem + static_cast<int64_t>(row0 + r) * row_stride + c;
+  const int64_t pass_stride = static_cast<int64_t>(kRowsPerPass) * row_stride;
+  Elem* dst = smem + swizzle<kDim>(r, c);
 #pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int id = threadIdx.x + i * kThreads;
-    const int r = id / kChunksPerRow;
-    const int c = (id % kChunksPerRow) * 8;
-    const bool valid = row0 + r < rows_valid;
-    const Elem* src = gmem + (valid ? static_cast<int64_t>(row0 + r) * row_stride : 0) + c;
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const bool valid = row0 + r + i * kRowsPerPass < rows_valid;
     cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-        *reinterpret_cast<const cute::uint128_t*>(src),
-        *reinterpret_cast<cute::uint128_t*>(smem + swizzle<kDim>(r, c)), valid);
+        *reinterpret_cast<const cute::uint128_t*>(valid ? src + i * pass_stride : gmem),
+        *reinterpret_cast<cute::uint128_t*>(dst + i * kRowsPerPass * kDim), valid);
   }
 }
 
