@@ -157,11 +157,11 @@ int main() {
     Buffers<__nv_bfloat16> buf(c, DType::kBFloat16);
     shipped_reference(buf);
     using E = __nv_bfloat16;
-    run_variant<DenseFwdConfig<E, 128, 64, 64, 4, true, 1>>("64,64,4,Q,1 (shipped)", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 128, 64, 4, false, 1>>("128,64,4,-,1 (shipped)", c, buf);
+    run_variant<DenseFwdConfig<E, 128, 64, 64, 4, true, 1>>("64,64,4,Q,1", c, buf);
     run_variant<DenseFwdConfig<E, 128, 64, 64, 4, true, 2>>("64,64,4,Q,2", c, buf);
     run_variant<DenseFwdConfig<E, 128, 64, 128, 4, true, 1>>("64,128,4,Q,1", c, buf);
     run_variant<DenseFwdConfig<E, 128, 64, 128, 4, true, 2>>("64,128,4,Q,2", c, buf);
-    run_variant<DenseFwdConfig<E, 128, 128, 64, 4, false, 1>>("128,64,4,-,1", c, buf);
     run_variant<DenseFwdConfig<E, 128, 128, 64, 8, true, 1>>("128,64,8,Q,1", c, buf);
     run_variant<DenseFwdConfig<E, 128, 128, 64, 8, true, 2>>("128,64,8,Q,2", c, buf);
     run_variant<DenseFwdConfig<E, 128, 128, 128, 8, true, 2>>("128,128,8,Q,2", c, buf);

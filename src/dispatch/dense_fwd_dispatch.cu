@@ -13,15 +13,14 @@ namespace bsk::detail {
 namespace {
 
 // Tile shapes per head dim, chosen with bench/tune/dense_tune.cu on an H200 (bench/results/
-// tuning.md). Head dim 64: 128 query rows per CTA, 2 row tiles per warp so each K/V fragment
-// feeds two MMAs, Q in registers, double-buffered K/V. Head dim 128: the O accumulators leave no
-// room for two row tiles, so 64 rows per CTA, one row tile per warp, Q in registers; double
-// buffering measured slower there.
+// tuning.md). Both use 128 query rows per CTA and 4 warps, so each warp owns 2 row tiles and
+// every K/V fragment read from shared memory feeds two MMAs. Head dim 64: Q in registers and
+// double-buffered K/V. Head dim 128: the O accumulators leave no room for Q in registers, and the
+// extra shared memory of a second K/V stage costs more occupancy than it hides latency.
 template <typename Elem, int kHeadDim>
 using DenseFwdSm80Config =
-    kernels::DenseFwdConfig<Elem, kHeadDim, /*kBlockM=*/kHeadDim == 64 ? 128 : 64,
-                            /*kBlockN=*/64, /*kWarps=*/4, /*kQInRegs=*/true,
-                            /*kStages=*/kHeadDim == 64 ? 2 : 1>;
+    kernels::DenseFwdConfig<Elem, kHeadDim, /*kBlockM=*/128, /*kBlockN=*/64, /*kWarps=*/4,
+                            /*kQInRegs=*/kHeadDim == 64, /*kStages=*/kHeadDim == 64 ? 2 : 1>;
 
 template <typename Elem>
 void dispatch_head_dim(const DenseFwdArgs& a, int device, cudaStream_t stream) {
