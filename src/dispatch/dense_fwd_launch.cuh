@@ -12,6 +12,10 @@
 #include "kernels/dense_fwd_sm80.cuh"
 
 namespace bsk::detail {
+// Internal linkage on purpose: without -rdc every translation unit registers its own copy of each
+// kernel, so the "shared-memory limit raised" flag below must be per translation unit too (a
+// shared flag let the tuning harness launch its copy unconfigured).
+namespace {
 
 template <class Cfg>
 void launch_dense_fwd_sm80(const DenseFwdArgs& a, int device, cudaStream_t stream) {
@@ -52,4 +56,5 @@ void launch_dense_fwd_sm80(const DenseFwdArgs& a, int device, cudaStream_t strea
   BSK_CUDA_CHECK_LAUNCH();
 }
 
+}  // namespace
 }  // namespace bsk::detail
