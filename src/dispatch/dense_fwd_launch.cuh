@@ -3,7 +3,6 @@
 // (bench/tune), which times configurations the dispatcher does not ship.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 
 #include "bsk/error.h"
@@ -12,23 +11,17 @@
 #include "kernels/dense_fwd_sm80.cuh"
 
 namespace bsk::detail {
-// Internal linkage on purpose: without -rdc every translation unit registers its own copy of each
-// kernel, so the "shared-memory limit raised" flag below must be per translation unit too (a
-// shared flag let the tuning harness launch its copy unconfigured).
-namespace {
 
 template <class Cfg>
 void launch_dense_fwd_sm80(const DenseFwdArgs& a, int device, cudaStream_t stream) {
   using Elem = typename Cfg::Elem;
   auto* kernel = kernels::dense_fwd_sm80_kernel<Cfg>;
-  // The opt-in for > 48 KB of dynamic shared memory is per device; do it once per device.
-  static std::atomic<uint64_t> configured{0};
-  const uint64_t bit = uint64_t{1} << (device & 63);
-  if (!(configured.load(std::memory_order_acquire) & bit)) {
+  // Raising the dynamic shared-memory limit on every launch, as FlashAttention does, costs
+  // about a microsecond and stays right when several translation units hold copies of one kernel
+  // (no -rdc), which a "done once" flag did not.
+  if constexpr (Cfg::kSmemBytes > 48 * 1024)
     BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Cfg::kSmemBytes));
-    configured.fetch_or(bit, std::memory_order_acq_rel);
-  }
 
   kernels::DenseFwdParams<Elem> p{};
   p.q = static_cast<const Elem*>(a.q);
@@ -56,5 +49,4 @@ void launch_dense_fwd_sm80(const DenseFwdArgs& a, int device, cudaStream_t strea
   BSK_CUDA_CHECK_LAUNCH();
 }
 
-}  // namespace
 }  // namespace bsk::detail
