@@ -115,7 +115,7 @@ double flops(const Case& c) {
 template <class Cfg>
 void run_variant(const char* label, const Case& c, Buffers<typename Cfg::Elem>& buf) {
   cudaMemset(buf.out, 0xff, buf.nq * sizeof(typename Cfg::Elem));
-  const float ms = median_ms([&] { launch_dense_fwd_sm80<Cfg>(buf.args, 0, nullptr); });
+  const float ms = median_ms([&] { launch_dense_fwd_sm80<Cfg>(buf.args, nullptr); });
   BSK_CUDA_CHECK(cudaDeviceSynchronize());
   const float diff = max_abs_diff(buf.out, buf.ref, buf.nq);
   std::printf("| %-28s | %-34s | %8.4f | %7.1f | %9.2e |\n", c.name, label, ms,

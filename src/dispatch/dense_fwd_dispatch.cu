@@ -23,10 +23,10 @@ using DenseFwdSm80Config =
                             /*kQInRegs=*/kHeadDim == 64, /*kStages=*/kHeadDim == 64 ? 2 : 1>;
 
 template <typename Elem>
-void dispatch_head_dim(const DenseFwdArgs& a, int device, cudaStream_t stream) {
+void dispatch_head_dim(const DenseFwdArgs& a, cudaStream_t stream) {
   switch (a.head_dim) {
-    case 64: return launch_dense_fwd_sm80<DenseFwdSm80Config<Elem, 64>>(a, device, stream);
-    case 128: return launch_dense_fwd_sm80<DenseFwdSm80Config<Elem, 128>>(a, device, stream);
+    case 64: return launch_dense_fwd_sm80<DenseFwdSm80Config<Elem, 64>>(a, stream);
+    case 128: return launch_dense_fwd_sm80<DenseFwdSm80Config<Elem, 128>>(a, stream);
     default:
       throw InvalidArgument("q", "head dim must be 64 or 128 on CUDA, got " +
                                      std::to_string(a.head_dim));
@@ -42,8 +42,8 @@ void dense_fwd_cuda(const DenseFwdArgs& a, int device, cudaStream_t stream) {
                       std::to_string(device) + " is " + std::to_string(cc / 10) + "." +
                       std::to_string(cc % 10));
   switch (a.dtype) {
-    case DType::kFloat16: return dispatch_head_dim<__half>(a, device, stream);
-    case DType::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(a, device, stream);
+    case DType::kFloat16: return dispatch_head_dim<__half>(a, stream);
+    case DType::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(a, stream);
     default:
       throw InvalidArgument("q", std::string("dtype must be float16 or bfloat16 on CUDA, got ") +
                                      dtype_name(a.dtype));

@@ -13,7 +13,7 @@
 namespace bsk::detail {
 
 template <class Cfg>
-void launch_dense_fwd_sm80(const DenseFwdArgs& a, int device, cudaStream_t stream) {
+void launch_dense_fwd_sm80(const DenseFwdArgs& a, cudaStream_t stream) {
   using Elem = typename Cfg::Elem;
   auto* kernel = kernels::dense_fwd_sm80_kernel<Cfg>;
   // Raising the dynamic shared-memory limit on every launch, as FlashAttention does, costs
