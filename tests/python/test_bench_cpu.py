@@ -247,6 +247,7 @@ def test_main_flow_with_cuda_faked_on_cpu(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(bench, "make_inputs", functools.partial(bench.make_inputs, device="cpu"))
     monkeypatch.setattr(bench, "n_copies", lambda case, l2: (2, 1000))
+    monkeypatch.setattr(bench, "gpu_warmup", lambda: None)
 
     def no_capture(fn, copies):
         raise RuntimeError("graph capture faked off")
