@@ -8,7 +8,8 @@ namespace bsk {
 
 struct AttentionParams {
   // Causal masking, bottom-right aligned: query row t sees keys j <= t + (Skv - Sq), as in
-  // FlashAttention. Rows that see no key (only when Sq > Skv) get output 0 and lse -inf.
+  // FlashAttention. Rows that see no key (causal with Sq > Skv, or Skv == 0) get output 0 and
+  // lse -inf.
   bool causal = false;
   // Multiplies q.k before the softmax; 0 means 1/sqrt(head_dim).
   float softmax_scale = 0.0f;
@@ -16,7 +17,8 @@ struct AttentionParams {
 
 // q: [B, Sq, Hq, D]; k, v: [B, Skv, Hkv, D]; out: [B, Sq, Hq, D] (BSHD, any strides with the last
 // dimension contiguous). Hq % Hkv == 0 (GQA/MQA). dtype float16 or bfloat16 on CUDA (float32 and
-// float64 also accepted on CPU); q, k, v and out share it. D in {64, 128}.
+// float64 also accepted on CPU); q, k, v and out share it. D in {64, 128} on CUDA, 1..1024 on
+// CPU. out may be q itself but must not overlap k, v or lse.
 // lse: optional (nullptr to skip), float32 [B, Hq, Sq], natural log of the softmax denominator.
 // CUDA work is queued on `stream` and not waited for.
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,

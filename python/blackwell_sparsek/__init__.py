@@ -94,13 +94,16 @@ def sdpa(
     query: [B, Hq, Sq, D]; key, value: [B, Hkv, Skv, D]. The inputs are transposed to BSHD views
     (no copy) and the result is returned as a BHSD view of a contiguous BSHD tensor.
     ``is_causal`` follows torch's top-left alignment (row t sees keys ``j <= t``), also when
-    ``Sq != Skv``. Unsupported (``ValueError``): ``attn_mask``, ``dropout_p != 0``, and
-    ``Hq != Hkv`` without ``enable_gqa=True`` (as in torch).
+    ``Sq != Skv``. Unsupported (``ValueError``): ``attn_mask``, ``dropout_p != 0``,
+    ``scale <= 0``, and ``Hq != Hkv`` without ``enable_gqa=True`` (as in torch).
     """
     if attn_mask is not None:
         raise ValueError("sdpa: argument 'attn_mask': not supported; use is_causal or None")
     if dropout_p != 0.0:
         raise ValueError(f"sdpa: argument 'dropout_p': must be 0 (no dropout), got {dropout_p}")
+    if scale is not None and scale <= 0:
+        # torch reads scale=0 as uniform weights; libbsk reads 0 as "default". Refuse, not guess.
+        raise ValueError(f"sdpa: argument 'scale': must be > 0 or None, got {scale}")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 4:
             raise ValueError(

@@ -20,7 +20,11 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
     ref::attention_forward(q, k, v, out, lse, p);
     return;
   }
-  if (s.batch == 0 || s.seqlen_q == 0 || s.heads_q == 0) return;
+  detail::check_cuda_device(q.device, "q");
+  // Switch first: the pointer checks are CUDA calls and must not touch another device.
+  detail::DeviceGuard guard(q.device.index);
+  detail::check_cuda_pointers(q, k, v, out, lse);
+  if (s.batch == 0 || s.seqlen_q == 0) return;
 
   detail::DenseFwdArgs a{};
   a.q = q.data;
@@ -45,8 +49,7 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   a.causal = p.causal;
   a.dtype = q.dtype;
 
-  detail::DeviceGuard guard(q.device.index);
-  detail::dense_fwd_cuda(a, q.device.index, reinterpret_cast<cudaStream_t>(stream));
+  detail::dense_fwd_cuda(a, q.device.index, stream);
 }
 
 }  // namespace bsk

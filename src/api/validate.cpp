@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 
 #include <cuda_runtime_api.h>
 
@@ -56,15 +57,49 @@ void check_no_self_overlap(const TensorView& t, const char* name) {
                                       std::to_string(i) + ")");
 }
 
+// Bytes [first, last] a view can touch (strides are non-negative here).
+std::pair<std::uintptr_t, std::uintptr_t> byte_span(const TensorView& t) {
+  const auto first = reinterpret_cast<std::uintptr_t>(t.data);
+  std::uintptr_t extent = 0;
+  for (int i = 0; i < t.ndim; ++i)
+    extent += static_cast<std::uintptr_t>(t.shape[i] - 1) * static_cast<std::uintptr_t>(t.stride[i]);
+  return {first, first + (extent + 1) * dtype_size(t.dtype) - 1};
+}
+
+bool spans_overlap(const TensorView& a, const TensorView& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto sa = byte_span(a), sb = byte_span(b);
+  return sa.first <= sb.second && sb.first <= sa.second;
+}
+
+bool same_layout(const TensorView& a, const TensorView& b) {
+  if (a.data != b.data || a.ndim != b.ndim) return false;
+  for (int i = 0; i < a.ndim; ++i)
+    if (a.shape[i] != b.shape[i] || a.stride[i] != b.stride[i]) return false;
+  return true;
+}
+
+// The kernels read K and V while other CTAs write O, so outputs must not share memory with the
+// inputs; out may be q itself (each output row is written by the CTA that read that q row).
+void check_outputs_disjoint(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& out, const TensorView* lse) {
+  if (spans_overlap(out, q) && !same_layout(out, q))
+    throw InvalidArgument("out", "overlaps q's memory (only out == q, same layout, is allowed)");
+  if (spans_overlap(out, k)) throw InvalidArgument("out", "overlaps k's memory");
+  if (spans_overlap(out, v)) throw InvalidArgument("out", "overlaps v's memory");
+  if (lse) {
+    const TensorView* in[] = {&q, &k, &v, &out};
+    const char* names[] = {"q", "k", "v", "out"};
+    for (int i = 0; i < 4; ++i)
+      if (spans_overlap(*lse, *in[i]))
+        throw InvalidArgument("lse", std::string("overlaps ") + names[i] + "'s memory");
+  }
+}
+
 void check_cuda_pointer(const TensorView& t, const char* name) {
   if (t.numel() == 0) return;
   cudaPointerAttributes attr{};
   cudaError_t err = cudaPointerGetAttributes(&attr, t.data);
-  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) {
-    cudaGetLastError();
-    throw Unsupported(std::string(name) + " is a CUDA tensor but CUDA is unusable here: " +
-                      cudaGetErrorString(err));
-  }
   if (err != cudaSuccess) {
     cudaGetLastError();  // not sticky: clear it so later calls are not blamed
     throw InvalidArgument(name, "is marked as a CUDA tensor but its pointer is not known to CUDA (" +
@@ -127,18 +162,21 @@ AttnShape check_attention_args(const TensorView& q, const TensorView& k, const T
                                    "), got " + shape_str(k));
   check_same_shape(v, "v", k, "k");
   check_same_shape(out, "out", q, "q");
-  if (s.heads_kv < 1 || s.heads_q < 1)
-    throw InvalidArgument("k", "head counts must be >= 1, got Hq=" + std::to_string(s.heads_q) +
-                                   " Hkv=" + std::to_string(s.heads_kv));
+  if (s.heads_q < 1)
+    throw InvalidArgument("q", "head count Hq must be >= 1, got " + std::to_string(s.heads_q));
+  if (s.heads_kv < 1)
+    throw InvalidArgument("k", "head count Hkv must be >= 1, got " + std::to_string(s.heads_kv));
   if (s.heads_q % s.heads_kv != 0)
     throw InvalidArgument("k", "Hq (" + std::to_string(s.heads_q) +
                                    ") must be a multiple of Hkv (" + std::to_string(s.heads_kv) +
                                    ") for GQA/MQA");
   if (s.head_dim < 1)
     throw InvalidArgument("q", "head dim must be >= 1, got " + std::to_string(s.head_dim));
+  if (cuda && (s.batch > 65535 || s.heads_q > 65535))  // grid dims y and z
+    throw InvalidArgument("q", "batch size and head count must each be <= 65535 on CUDA");
   constexpr int64_t kMaxLen = std::numeric_limits<int32_t>::max() / 2;
-  if (s.seqlen_q > kMaxLen || s.seqlen_k > kMaxLen)
-    throw InvalidArgument("q", "sequence lengths must be below 2^30");
+  if (s.seqlen_q > kMaxLen) throw InvalidArgument("q", "sequence length must be below 2^30");
+  if (s.seqlen_k > kMaxLen) throw InvalidArgument("k", "sequence length must be below 2^30");
 
   for (int i = 0; i < 4; ++i) {
     const TensorView& t = *all[i];
@@ -163,19 +201,43 @@ AttnShape check_attention_args(const TensorView& q, const TensorView& k, const T
     check_no_self_overlap(*lse, "lse");
   }
 
+  check_outputs_disjoint(q, k, v, out, lse);
+
   if (cuda) {
     if (!head_dim_supported(s.head_dim))
       throw InvalidArgument("q", "head dim must be 64 or 128 on CUDA, got " +
                                      std::to_string(s.head_dim));
-    for (int i = 0; i < 4; ++i) {
-      check_cuda_pointer(*all[i], names[i]);
-      check_cuda_vector_layout(*all[i], names[i]);
-    }
-    if (lse) check_cuda_pointer(*lse, "lse");
+    for (int i = 0; i < 4; ++i) check_cuda_vector_layout(*all[i], names[i]);
   } else if (s.head_dim > 1024) {
     throw InvalidArgument("q", "head dim must be <= 1024, got " + std::to_string(s.head_dim));
   }
   return s;
+}
+
+void check_cuda_device(const Device& device, const char* name) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) {
+    cudaGetLastError();
+    throw Unsupported(std::string(name) + " is a CUDA tensor but CUDA is unusable here: " +
+                      cudaGetErrorString(err));
+  }
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw CudaError(std::string("cudaGetDeviceCount: ") + cudaGetErrorString(err));
+  }
+  if (device.index < 0 || device.index >= count)
+    throw InvalidArgument(name, "is on " + device_str(device) + " but this process sees " +
+                                    std::to_string(count) + " CUDA device(s)");
+}
+
+void check_cuda_pointers(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const TensorView* lse) {
+  check_cuda_pointer(q, "q");
+  check_cuda_pointer(k, "k");
+  check_cuda_pointer(v, "v");
+  check_cuda_pointer(out, "out");
+  if (lse) check_cuda_pointer(*lse, "lse");
 }
 
 float resolve_softmax_scale(float softmax_scale, int64_t head_dim) {

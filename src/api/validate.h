@@ -1,5 +1,6 @@
 // Precondition checks shared by the front doors. Each failure throws bsk::InvalidArgument naming
-// the argument and the rule; nothing past these checks re-validates.
+// the argument and the rule. check_attention_args makes no CUDA call, so it also runs (and its
+// CUDA rules are testable) on a machine without a GPU.
 #pragma once
 
 #include <cstdint>
@@ -14,13 +15,21 @@ struct AttnShape {
 };
 
 // q/k/v/out (and lse when not null) for dense and SparseK attention: ranks, shapes, GQA, one
-// dtype, one device, last dim contiguous, sizes in range. CUDA tensors must also be device
-// memory, 16-byte aligned with row strides a multiple of 8 elements (the kernels load 16-byte
-// vectors), and have a head dim the kernels are built for.
+// dtype, one device, last dim contiguous, sizes in range, outputs not overlapping inputs. CUDA
+// tensors must also be 16-byte aligned with row strides a multiple of 8 elements (the kernels
+// load 16-byte vectors), have a head dim the kernels are built for, and fit the grid limits.
 AttnShape check_attention_args(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const TensorView* lse);
 
-// softmax_scale: finite; 0 selects 1/sqrt(head_dim). Returns the scale to use.
+// The device exists (bsk::Unsupported where CUDA has no device or driver at all).
+void check_cuda_device(const Device& device, const char* name);
+
+// Every pointer is device memory on the tensor's device. Needs the device current (run it under
+// DeviceGuard): a CUDA call may create a context on whichever device is current.
+void check_cuda_pointers(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const TensorView* lse);
+
+// softmax_scale: finite and >= 0; 0 selects 1/sqrt(head_dim). Returns the scale to use.
 float resolve_softmax_scale(float softmax_scale, int64_t head_dim);
 
 }  // namespace bsk::detail

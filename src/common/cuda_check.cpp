@@ -18,9 +18,37 @@ DeviceGuard::DeviceGuard(int device) {
   if (previous_ != device) BSK_CUDA_CHECK(cudaSetDevice(device));
 }
 
+namespace {
+
+// Whether `device`'s primary context exists. cudaSetDevice creates one (CUDA 12+), so restoring
+// a device the process never used would cost it a context of a few hundred MB. The runtime has
+// no query for this; the driver's cuDevicePrimaryCtxGetState does.
+bool primary_context_active(int device) {
+  using GetState = int (*)(int, unsigned int*, int*);
+  static const GetState get_state = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &fn, 12000,
+                                         cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<GetState>(fn);
+  }();
+  if (get_state == nullptr) return true;  // cannot tell: restore, as before
+  unsigned int flags = 0;
+  int active = 0;
+  return get_state(device, &flags, &active) == 0 && active != 0;
+}
+
+}  // namespace
+
+// Restores the previous device only where that costs no new context (as PyTorch does).
 DeviceGuard::~DeviceGuard() {
   int now = -1;
-  if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  if (cudaGetDevice(&now) == cudaSuccess && now != previous_ && primary_context_active(previous_))
+    cudaSetDevice(previous_);
 }
 
 int device_cc(int device) {

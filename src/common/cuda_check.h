@@ -8,7 +8,8 @@ namespace bsk::detail {
 
 [[noreturn]] void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line);
 
-// Makes `device` current for the lifetime of the guard, restoring the previous one after.
+// Makes `device` current for the lifetime of the guard; afterwards restores the previous one if
+// that device already has a context.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device);

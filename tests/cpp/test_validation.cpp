@@ -43,6 +43,13 @@ void expect_invalid(F&& f, const std::string& arg, const std::string& rule, cons
 #define EXPECT_INVALID(stmt, arg, rule) \
   expect_invalid([&] { stmt; }, arg, rule, #stmt, __FILE__, __LINE__)
 
+// Dense and SparseK front doors with the given out and lse.
+#define EXPECT_BOTH_INVALID_WITH(o, l, arg, rule)                                        \
+  do {                                                                                  \
+    EXPECT_INVALID(bsk::attention_forward(q, k, v, o, &l, ap), arg, rule);              \
+    EXPECT_INVALID(bsk::sparsek_attention_forward(q, k, v, u, o, &l, sp), arg, rule);   \
+  } while (0)
+
 constexpr bsk::Device kCpu{bsk::DeviceType::kCPU, 0};
 constexpr bsk::Device kCuda0{bsk::DeviceType::kCUDA, 0};
 
@@ -202,11 +209,11 @@ TEST_F(Validation, HeadsNotAMultiple) {
 
 TEST_F(Validation, ZeroHeads) {
   k.shape[2] = v.shape[2] = 0;
-  EXPECT_BOTH_INVALID("k", "head counts must be >= 1");
+  EXPECT_BOTH_INVALID("k", "head count Hkv must be >= 1");
   k.shape[2] = v.shape[2] = Hkv;
   q.shape[2] = out.shape[2] = 0;
   lse.shape[1] = 0;
-  EXPECT_BOTH_INVALID("k", "head counts must be >= 1");
+  EXPECT_BOTH_INVALID("q", "head count Hq must be >= 1");
 }
 
 TEST_F(Validation, ZeroHeadDim) {
@@ -219,12 +226,12 @@ TEST_F(Validation, SequenceTooLong) {
   const int64_t big = int64_t{1} << 30;
   for (TensorView* t : {&q, &k, &v, &out}) t->shape[0] = 0;
   q.shape[1] = out.shape[1] = big;
-  EXPECT_INVALID(dense_no_lse(), "q", "sequence lengths must be below 2^30");
+  EXPECT_INVALID(dense_no_lse(), "q", "sequence length must be below 2^30");
   q.shape[1] = out.shape[1] = big - 1;
   EXPECT_NO_THROW(dense_no_lse());
   q.shape[1] = out.shape[1] = S;
   k.shape[1] = v.shape[1] = big;
-  EXPECT_INVALID(dense_no_lse(), "q", "sequence lengths must be below 2^30");
+  EXPECT_INVALID(dense_no_lse(), "k", "sequence length must be below 2^30");
 }
 
 TEST_F(Validation, LastDimNotContiguous) {
@@ -350,6 +357,33 @@ TEST_F(CudaMarkedValidation, Float32OnCudaRejected) {
   EXPECT_INVALID(bsk::attention_forward(a.view(kCuda0), b.view(kCuda0), c.view(kCuda0),
                                         o.view(kCuda0), nullptr, ap),
                  "q", "dtype must be float16 or bfloat16 on CUDA, got float64");
+}
+
+TEST_F(CudaMarkedValidation, GridLimits) {
+  HostTensor a(DType::kFloat16, {1, 16, 2, 64}), b(DType::kFloat16, {1, 16, 2, 64}),
+      c(DType::kFloat16, {1, 16, 2, 64}), o(DType::kFloat16, {1, 16, 2, 64});
+  TensorView Q = a.view(kCuda0), K = b.view(kCuda0), V = c.view(kCuda0), O = o.view(kCuda0);
+  // Never dereferenced: the limit is checked before any CUDA call.
+  Q.shape[0] = K.shape[0] = V.shape[0] = O.shape[0] = 65536;
+  Q.stride[0] = K.stride[0] = V.stride[0] = O.stride[0] = 0;
+  O.stride[0] = 16 * 2 * 64;
+  EXPECT_INVALID(bsk::attention_forward(Q, K, V, O, nullptr, ap), "q",
+                 "batch size and head count must each be <= 65535 on CUDA");
+}
+
+TEST_F(Validation, OutputsMustNotOverlapInputs) {
+  TensorView o = out;
+  o.data = hk.view().data;  // out on top of k
+  EXPECT_BOTH_INVALID_WITH(o, lse, "out", "overlaps k's memory");
+  o.data = hv.view().data;
+  EXPECT_BOTH_INVALID_WITH(o, lse, "out", "overlaps v's memory");
+  o.data = static_cast<float*>(hq.view().data) + 1;  // shifted onto q: rows would race
+  EXPECT_BOTH_INVALID_WITH(o, lse, "out", "overlaps q's memory");
+  TensorView l = lse;
+  l.data = hout.view().data;
+  EXPECT_BOTH_INVALID_WITH(out, l, "lse", "overlaps out's memory");
+  // out == q with q's exact layout is allowed: each output row replaces the q row it came from.
+  EXPECT_NO_THROW(bsk::attention_forward(q, k, v, q, &lse, ap));
 }
 
 // ---- SparseK-only preconditions ---------------------------------------------------------------

@@ -174,6 +174,9 @@ def test_sdpa_rejects_unsupported():
         bsk.sdpa(q, q[:, :1], q[:, :1])
     with pytest.raises(ValueError, match="argument 'query'"):
         bsk.sdpa(q[0], q, q)
+    for bad in (0.0, -0.5):  # torch reads 0 as uniform weights; we refuse rather than differ
+        with pytest.raises(ValueError, match="argument 'scale'"):
+            bsk.sdpa(q, q, q, scale=bad)
 
 
 # ---- errors: ValueError naming the argument ----------------------------------------------------
