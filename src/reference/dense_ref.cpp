@@ -46,16 +46,6 @@ constexpr int64_t kRowBlock = 4;   // query rows processed together
 constexpr int64_t kTile = 4;       // keys (scores) or head-dim columns (P.V) per register tile
 constexpr int64_t kKeyChunk = 32;  // V rows per pass of the P.V product (stay in L1)
 
-// dst[s * ld + d] = t[b, s, h, d] for s < S (leading dimension ld >= D).
-void load_rows(const TensorView& t, int64_t b, int64_t h, int64_t S, int64_t D, int64_t ld,
-               double* dst) {
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t base = b * t.stride[0] + s * t.stride[1] + h * t.stride[2];
-    for (int64_t d = 0; d < D; ++d)
-      dst[s * ld + d] = detail::load_as_double(t.data, t.dtype, base + d * t.stride[3]);
-  }
-}
-
 // K packed in tiles of kTile keys: dst[((s / kTile) * D + d) * kTile + s % kTile] = t[b, s, h, d],
 // so the score tiles read it sequentially.
 void load_rows_packed(const TensorView& t, int64_t b, int64_t h, int64_t S, int64_t D,
@@ -95,9 +85,9 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t g = 0; g < Hkv; ++g) {
       load_rows_packed(k, b, g, Skv, D, kp.data());
-      load_rows(v, b, g, Skv, D, Dp, vv.data());
+      detail::load_head_rows(v, b, g, Skv, D, Dp, vv.data());
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-        load_rows(q, b, h, Sq, D, D, qq.data());
+        detail::load_head_rows(q, b, h, Sq, D, D, qq.data());
         for (int64_t t0 = 0; t0 < Sq; t0 += kRowBlock) {
           const int64_t nrows = std::min(kRowBlock, Sq - t0);
           // Keys visible to row t: [0, nvis(t)).

@@ -95,4 +95,14 @@ inline void store_from_double(void* base, DType dtype, int64_t offset, double x)
   }
 }
 
+// Rows [0, S) of head h of batch b of a BSHD view, as doubles: dst[s * ld + d] = t[b, s, h, d].
+inline void load_head_rows(const TensorView& t, int64_t b, int64_t h, int64_t S, int64_t D,
+                           int64_t ld, double* dst) {
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t base = b * t.stride[0] + s * t.stride[1] + h * t.stride[2];
+    for (int64_t d = 0; d < D; ++d)
+      dst[s * ld + d] = load_as_double(t.data, t.dtype, base + d * t.stride[3]);
+  }
+}
+
 }  // namespace bsk::ref::detail

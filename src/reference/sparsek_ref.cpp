@@ -98,14 +98,6 @@ double dot_product(const double* a, const double* b, int64_t n) {
   return (s0 + s2) + (s1 + s3);
 }
 
-void load_rows(const TensorView& t, int64_t b, int64_t h, int64_t S, int64_t D, double* dst) {
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t base = b * t.stride[0] + s * t.stride[1] + h * t.stride[2];
-    for (int64_t d = 0; d < D; ++d)
-      dst[s * D + d] = detail::load_as_double(t.data, t.dtype, base + d * t.stride[3]);
-  }
-}
-
 }  // namespace
 
 double sparsek_gates(const float* z, int64_t m, int64_t k, float* gates) {
@@ -184,10 +176,10 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
 
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t g = 0; g < Hkv; ++g) {
-      load_rows(k, b, g, Skv, D, kbuf.data());
-      load_rows(v, b, g, Skv, D, vbuf.data());
+      detail::load_head_rows(k, b, g, Skv, D, D, kbuf.data());
+      detail::load_head_rows(v, b, g, Skv, D, D, vbuf.data());
       for (int64_t r = 0; r < group; ++r)
-        load_rows(q, b, g * group + r, Sq, D, qbuf.data() + r * Sq * D);
+        detail::load_head_rows(q, b, g * group + r, Sq, D, D, qbuf.data() + r * Sq * D);
       const float* ud = static_cast<const float*>(u.data);
       for (int64_t j = 0; j < Skv; ++j)
         uu[j] = ud[b * u.stride[0] + g * u.stride[1] + j * u.stride[2]];
