@@ -15,7 +15,7 @@ export BSK_GTEST_SOURCE_DIR=${BSK_GTEST_SOURCE_DIR:-$root/.deps/googletest}
 [ -d "$BSK_GTEST_SOURCE_DIR" ] || unset BSK_GTEST_SOURCE_DIR
 export BSK_CUDA_ARCHS=${BSK_CUDA_ARCHS:-80;90a}
 export PYTHONUNBUFFERED=1
-suites=${BSK_BENCH_SUITES:-seed}
+suites=${BSK_BENCH_SUITES:-seed sparsek-prefill}
 export BSK_CMAKE_ARGS="${BSK_CMAKE_ARGS:-} -DBSK_BUILD_TUNING=ON"
 
 summary=()
@@ -38,13 +38,17 @@ build=build/cmake
 step fatbin bash -c "cuobjdump --list-elf --list-ptx $build/libbsk.a | sed -E 's/.*\\.(sm_[0-9a]+|compute_[0-9a]+)\\..*/\\1/' | sort | uniq -c"
 if [ -x $build/tests/cpp/bsk_tests ]; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpu*'
+    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpu*:*SparseKGpu*'
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
-    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpuTest*/Seed*:*DenseGpuTest*/S17*:*DenseGpuTest*/D128*'
+    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpuTest*/Seed*:*DenseGpuTest*/S17*:*DenseGpuTest*/D128*:*SparseKGpuTest*/Basic*:*SparseKGpuTest*/Chunks*:*SparseKGpuTest*/GQA*:*SparseKGpuTest*/SqLtSkv*'
 fi
 [ -x $build/bsk_dense_tune ] && step tune $build/bsk_dense_tune
 for s in $suites; do
-  step "bench_$s" python3 -m blackwell_sparsek.bench --suite "$s" --out "$OUT/bench"
+  if [ "$s" = sparsek-prefill ]; then
+    step "bench_$s" python3 -m blackwell_sparsek.bench_sparsek --out "$OUT/bench"
+  else
+    step "bench_$s" python3 -m blackwell_sparsek.bench --suite "$s" --out "$OUT/bench"
+  fi
 done
 
 echo

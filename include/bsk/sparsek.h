@@ -24,8 +24,11 @@ struct SparseKParams {
 
 // q: [B, Sq, Hq, D]; k, v: [B, Skv, Hkv, D]; u: float32 [B, Hkv, Skv], finite;
 // out: [B, Sq, Hq, D]; lse: optional float32 [B, Hq, Sq]. Always causal, bottom-right aligned.
-// Runs on CPU tensors (the reference). The CUDA kernel is not built yet: CUDA tensors raise
-// bsk::Unsupported.
+// CPU tensors run the float64 reference. CUDA tensors (fp16/bf16, head dim 64/128, sm_80+) run
+// the selection and the fused kernel on `stream`; the call synchronizes once with the stream to
+// report non-finite scores as an error, and takes scratch memory from the stream-ordered
+// allocator (about 40 bytes per score plus (min(k, Skv) + 64) * 4 bytes per 64 query rows per
+// KV head).
 void sparsek_attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& u, const TensorView& out, const TensorView* lse,
                                const SparseKParams& params, Stream stream = nullptr);

@@ -26,7 +26,16 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   detail::check_cuda_pointers(q, k, v, out, lse);
   if (s.batch == 0 || s.seqlen_q == 0) return;
 
-  detail::DenseFwdArgs a{};
+  detail::dense_fwd_cuda(detail::make_fwd_args(q, k, v, out, lse, p.softmax_scale, p.causal),
+                         q.device.index, stream);
+}
+
+namespace detail {
+
+DenseFwdArgs make_fwd_args(const TensorView& q, const TensorView& k, const TensorView& v,
+                           const TensorView& out, const TensorView* lse, float softmax_scale,
+                           bool causal) {
+  DenseFwdArgs a{};
   a.q = q.data;
   a.k = k.data;
   a.v = v.data;
@@ -39,17 +48,17 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
     a.out_stride[i] = out.stride[i];
     a.lse_stride[i] = lse ? lse->stride[i] : 0;
   }
-  a.batch = static_cast<int>(s.batch);
-  a.seqlen_q = static_cast<int>(s.seqlen_q);
-  a.seqlen_k = static_cast<int>(s.seqlen_k);
-  a.heads_q = static_cast<int>(s.heads_q);
-  a.heads_kv = static_cast<int>(s.heads_kv);
-  a.head_dim = static_cast<int>(s.head_dim);
-  a.softmax_scale = p.softmax_scale;
-  a.causal = p.causal;
+  a.batch = static_cast<int>(q.shape[0]);
+  a.seqlen_q = static_cast<int>(q.shape[1]);
+  a.seqlen_k = static_cast<int>(k.shape[1]);
+  a.heads_q = static_cast<int>(q.shape[2]);
+  a.heads_kv = static_cast<int>(k.shape[2]);
+  a.head_dim = static_cast<int>(q.shape[3]);
+  a.softmax_scale = softmax_scale;
+  a.causal = causal;
   a.dtype = q.dtype;
-
-  detail::dense_fwd_cuda(a, q.device.index, stream);
+  return a;
 }
 
+}  // namespace detail
 }  // namespace bsk

@@ -1,13 +1,19 @@
 #include "bsk/sparsek.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "api/validate.h"
 #include "bsk/error.h"
 #include "bsk/reference.h"
+#include "common/cuda_check.h"
+#include "dispatch/sparsek_fwd.h"
 
 namespace bsk {
+namespace {
+constexpr int64_t kMaxCudaLength = 2147483647;
+}  // namespace
 
 const char* gate_name(Gate gate) {
   switch (gate) {
@@ -20,7 +26,7 @@ const char* gate_name(Gate gate) {
 
 void sparsek_attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& u, const TensorView& out, const TensorView* lse,
-                               const SparseKParams& params, Stream /*stream*/) {
+                               const SparseKParams& params, Stream stream) {
   const detail::AttnShape s = detail::check_attention_args(q, k, v, out, lse);
 
   if (params.k < 0)
@@ -50,9 +56,28 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
   SparseKParams p = params;
   p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim);
 
-  if (q.device.type == DeviceType::kCUDA)
-    throw Unsupported("sparsek_attention_forward: the CUDA kernel is not built yet; "
-                      "pass CPU tensors to run the reference");
+  if (q.device.type == DeviceType::kCUDA) {
+    if (params.k > kMaxCudaLength || params.w > kMaxCudaLength)
+      throw InvalidArgument(params.k > kMaxCudaLength ? "k" : "w",
+                            "must be < 2^31 on CUDA (larger values select the same keys as Skv)");
+    if (s.batch * s.heads_kv * s.seqlen_k > kMaxCudaLength)
+      throw InvalidArgument("u", "B * Hkv * Skv must be < 2^31 on CUDA");
+    detail::check_cuda_device(q.device, "q");
+    detail::DeviceGuard guard(q.device.index);
+    detail::check_cuda_pointers(q, k, v, out, lse);
+    detail::check_cuda_pointer(u, "u");
+    if (s.batch == 0 || s.seqlen_q == 0 || s.heads_q == 0) return;
+    detail::SparseKFwdArgs a{};
+    a.attn = detail::make_fwd_args(q, k, v, out, lse, p.softmax_scale, /*causal=*/true);
+    a.u = static_cast<const float*>(u.data);
+    for (int i = 0; i < 3; ++i) a.u_stride[i] = u.stride[i];
+    // k beyond Skv selects every candidate, as k = Skv does.
+    a.budget = static_cast<int>(std::min<int64_t>(params.k, s.seqlen_k));
+    a.window = static_cast<int>(std::min<int64_t>(params.w, s.seqlen_k));
+    a.gate = params.gate;
+    detail::sparsek_fwd_cuda(a, q.device.index, stream);
+    return;
+  }
 
   const float* ud = static_cast<const float*>(u.data);
   for (int64_t b = 0; b < u.shape[0]; ++b)

@@ -96,21 +96,6 @@ void check_outputs_disjoint(const TensorView& q, const TensorView& k, const Tens
   }
 }
 
-void check_cuda_pointer(const TensorView& t, const char* name) {
-  if (t.numel() == 0) return;
-  cudaPointerAttributes attr{};
-  cudaError_t err = cudaPointerGetAttributes(&attr, t.data);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // not sticky: clear it so later calls are not blamed
-    throw InvalidArgument(name, "is marked as a CUDA tensor but its pointer is not known to CUDA (" +
-                                    std::string(cudaGetErrorString(err)) + ")");
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    throw InvalidArgument(name, "is marked as a CUDA tensor but its pointer is host memory");
-  if (attr.device != t.device.index)
-    throw InvalidArgument(name, "pointer lives on cuda:" + std::to_string(attr.device) +
-                                    " but the tensor says " + device_str(t.device));
-}
 
 void check_cuda_vector_layout(const TensorView& t, const char* name) {
   const auto addr = reinterpret_cast<std::uintptr_t>(t.data);
@@ -229,6 +214,22 @@ void check_cuda_device(const Device& device, const char* name) {
   if (device.index < 0 || device.index >= count)
     throw InvalidArgument(name, "is on " + device_str(device) + " but this process sees " +
                                     std::to_string(count) + " CUDA device(s)");
+}
+
+void check_cuda_pointer(const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;
+  cudaPointerAttributes attr{};
+  cudaError_t err = cudaPointerGetAttributes(&attr, t.data);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it so later calls are not blamed
+    throw InvalidArgument(name, "is marked as a CUDA tensor but its pointer is not known to CUDA (" +
+                                    std::string(cudaGetErrorString(err)) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw InvalidArgument(name, "is marked as a CUDA tensor but its pointer is host memory");
+  if (attr.device != t.device.index)
+    throw InvalidArgument(name, "pointer lives on cuda:" + std::to_string(attr.device) +
+                                    " but the tensor says " + device_str(t.device));
 }
 
 void check_cuda_pointers(const TensorView& q, const TensorView& k, const TensorView& v,

@@ -26,6 +26,7 @@ void check_cuda_device(const Device& device, const char* name);
 
 // Every pointer is device memory on the tensor's device. Needs the device current (run it under
 // DeviceGuard): a CUDA call may create a context on whichever device is current.
+void check_cuda_pointer(const TensorView& t, const char* name);
 void check_cuda_pointers(const TensorView& q, const TensorView& k, const TensorView& v,
                          const TensorView& out, const TensorView* lse);
 

@@ -24,6 +24,11 @@ struct DenseFwdArgs {
   DType dtype;
 };
 
+// Pointers, element strides and sizes of validated views (lse may be null).
+DenseFwdArgs make_fwd_args(const TensorView& q, const TensorView& k, const TensorView& v,
+                           const TensorView& out, const TensorView* lse, float softmax_scale,
+                           bool causal);
+
 // Picks the kernel for (arch, dtype, head dim) and launches it on `stream`.
 void dense_fwd_cuda(const DenseFwdArgs& args, int device, cudaStream_t stream);
 

@@ -15,7 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "kernels/sm80_primitives.cuh"
+#include "kernels/sm80_attention_tile.cuh"
 
 namespace bsk::kernels {
 
@@ -61,9 +61,9 @@ template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     dense_fwd_sm80_kernel(const __grid_constant__ DenseFwdParams<typename Cfg::Elem> p) {
   using Elem = typename Cfg::Elem;
+  using Tile = sm80::AttnTile<Cfg>;
   constexpr int D = Cfg::kHeadDim, BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kRowTiles;
   constexpr int kThreads = Cfg::kThreads;
-  constexpr float kNegInf = -INFINITY;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Elem* sQ = reinterpret_cast<Elem*>(smem_raw);
@@ -83,25 +83,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const Elem* kg = p.k + b * p.k_sb + hk * p.k_sh;
   const Elem* vg = p.v + b * p.v_sb + hk * p.v_sh;
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-
-  float o[MT][D / 8][4];
-  float row_m[MT][2], row_l[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
-    row_m[mt][0] = row_m[mt][1] = kNegInf;
-    row_l[mt][0] = row_l[mt][1] = 0.f;
-  }
-
-  // ldmatrix row addresses for this lane (see the fragment layouts in sm80_primitives.cuh).
-  const int a_row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, a_col = (lane / 16) * 8;
-  const int k_row = (lane % 8) + (lane / 16) * 8, k_col = ((lane / 8) % 2) * 8;
-  const int v_row = (lane % 8) + ((lane / 8) % 2) * 8, v_col = (lane / 16) * 8;
+  typename Tile::OAcc o;
+  typename Tile::RowStat row_m, row_l;
+  Tile::init(o, row_m, row_l);
 
   if (n_blocks > 0) {
     using namespace kernels::sm80;
@@ -110,15 +94,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     if constexpr (Cfg::kStages == 2) load_tile_async<BN, D, kThreads>(sV0, vg, p.v_ss, 0, p.seqlen_k);
     cp_async_commit();
 
-    uint32_t qf[Cfg::kQInRegs ? MT : 1][Cfg::kQInRegs ? D / 16 : 1][4];
+    typename Tile::QFrag qf;
     if constexpr (Cfg::kQInRegs) {
       cp_async_wait<0>();
       __syncthreads();
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks)
-          ldsm_x4(sQ + swizzle<D>(mt * 16 * Cfg::kWarps + a_row, ks * 16 + a_col), qf[mt][ks]);
+      Tile::load_q(qf, sQ);
     }
 
     for (int nb = 0; nb < n_blocks; ++nb) {
@@ -140,37 +120,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         cp_async_commit();
       }
 
-      float s[MT][BN / 8][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
-
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          if constexpr (Cfg::kQInRegs) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) a[mt][e] = qf[mt][ks][e];
-          } else {
-            ldsm_x4(sQ + swizzle<D>(mt * 16 * Cfg::kWarps + a_row, ks * 16 + a_col), a[mt]);
-          }
-        }
-#pragma unroll
-        for (int np = 0; np < BN / 16; ++np) {
-          uint32_t bk[4];
-          ldsm_x4(sK + swizzle<D>(np * 16 + k_row, ks * 16 + k_col), bk);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma_16x8x16<Elem>(s[mt][2 * np], a[mt], bk[0], bk[1]);
-            mma_16x8x16<Elem>(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
-          }
-        }
-      }
+      typename Tile::SAcc s;
+      Tile::qk(s, qf, sQ, sK);
 
       // Only blocks crossing the end of the keys or the causal diagonal need a mask.
       const bool need_mask = n0 + BN > p.seqlen_k || (p.causal && n0 + BN - 1 > m0 + diag);
@@ -181,9 +132,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int col = n0 + nt * 8 + 2 * t + (e & 1);
-              const int row = m0 + mt * 16 * Cfg::kWarps + warp * 16 + g + 8 * (e >> 1);
-              if (col >= p.seqlen_k || (p.causal && col > row + diag)) s[mt][nt][e] = kNegInf;
+              const int col = n0 + Tile::col_of(nt, e);
+              const int row = m0 + Tile::row_of(mt, e);
+              if (col >= p.seqlen_k || (p.causal && col > row + diag)) s[mt][nt][e] = -INFINITY;
             }
       }
 
@@ -196,95 +147,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         }
       }
 
-      // Online softmax. Max and sums run on unscaled logits; the scale folds into one FFMA.
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = row_m[mt][r];
-#pragma unroll
-          for (int nt = 0; nt < BN / 8; ++nt)
-            mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          // A row that has seen no key yet keeps max -inf: use 0 as offset so exp2 gives 0s.
-          const float base = mx == kNegInf ? 0.f : mx * p.scale_log2;
-          const float corr = sm80::fast_exp2(row_m[mt][r] * p.scale_log2 - base);
-          row_m[mt][r] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float pe = sm80::fast_exp2(fmaf(s[mt][nt][2 * r + e], p.scale_log2, -base));
-              s[mt][nt][2 * r + e] = pe;
-              sum += pe;
-            }
-          row_l[mt][r] = row_l[mt][r] * corr + sum;
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            o[mt][dt][2 * r] *= corr;
-            o[mt][dt][2 * r + 1] *= corr;
-          }
-        }
-
-#pragma unroll
-      for (int ks = 0; ks < BN / 16; ++ks) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          a[mt][0] = pack2<Elem>(s[mt][2 * ks][0], s[mt][2 * ks][1]);
-          a[mt][1] = pack2<Elem>(s[mt][2 * ks][2], s[mt][2 * ks][3]);
-          a[mt][2] = pack2<Elem>(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
-          a[mt][3] = pack2<Elem>(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
-        }
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t bv[4];
-          ldsm_x4_trans(sV + swizzle<D>(ks * 16 + v_row, dp * 16 + v_col), bv);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma_16x8x16<Elem>(o[mt][2 * dp], a[mt], bv[0], bv[1]);
-            mma_16x8x16<Elem>(o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
-          }
-        }
-      }
+      Tile::softmax(s, row_m, row_l, o, p.scale_log2);
+      Tile::pv(o, s, sV);
     }
   }
 
-  // Epilogue: finish the row sums across the quad, normalize, stage each warp's rows in its own
-  // rows of sQ (no other warp reads them, so a warp barrier suffices), then store 16-byte chunks
-  // so that consecutive lanes write consecutive bytes of a row.
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    Elem* const stage = sQ + (mt * Cfg::kWarps + warp) * 16 * D;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = row_l[mt][r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt)
-        *reinterpret_cast<uint32_t*>(stage + sm80::swizzle<D>(g + 8 * r, dt * 8 + 2 * t)) =
-            sm80::pack2<Elem>(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
-      const int row = m0 + mt * 16 * Cfg::kWarps + warp * 16 + g + 8 * r;
-      if (p.lse != nullptr && t == 0 && row < p.seqlen_q)
-        p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
-            l > 0.f ? row_m[mt][r] * p.softmax_scale + logf(l) : kNegInf;
-    }
-    __syncwarp();
-    constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-    for (int i = 0; i < 16 * kChunksPerRow / 32; ++i) {
-      const int c = lane + 32 * i;
-      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-      const int row = m0 + mt * 16 * Cfg::kWarps + warp * 16 + r;
-      if (row < p.seqlen_q)
-        *reinterpret_cast<uint4*>(p.out + b * p.o_sb + row * p.o_ss + h * p.o_sh + col) =
-            *reinterpret_cast<const uint4*>(stage + sm80::swizzle<D>(r, col));
-    }
-  }
+  Tile::store(o, row_m, row_l, sQ, p.out + b * p.o_sb + h * p.o_sh, p.o_ss,
+              p.lse ? p.lse + b * p.lse_sb + h * p.lse_sh : nullptr, p.lse_ss, m0, p.seqlen_q,
+              p.softmax_scale);
 }
 
 }  // namespace bsk::kernels

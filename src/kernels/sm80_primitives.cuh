@@ -77,6 +77,35 @@ __device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* gmem, in
   }
 }
 
+// load_tile_async for gathered rows: tile row r comes from global row idx[slot0 + r] while
+// slot0 + r < count, and is zero-filled past it. The SparseK kernel's selected keys arrive this way.
+template <int kRows, int kDim, int kThreads, typename Elem>
+__device__ __forceinline__ void gather_tile_async(Elem* smem, const Elem* gmem, int64_t row_stride,
+                                                  const int* idx, int slot0, int count) {
+  constexpr int kChunksPerRow = kDim / 8;
+  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0 && kRowsPerPass % 8 == 0 &&
+                    kRows % kRowsPerPass == 0,
+                "tile must split into whole passes of 8-row multiples");
+  const int r = threadIdx.x / kChunksPerRow;
+  const int c = (threadIdx.x % kChunksPerRow) * 8;
+  Elem* dst = smem + swizzle<kDim>(r, c);
+  int rows[kRows / kRowsPerPass];
+#pragma unroll
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const int slot = slot0 + r + i * kRowsPerPass;
+    rows[i] = slot < count ? __ldg(idx + slot) : -1;
+  }
+#pragma unroll
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const bool valid = rows[i] >= 0;
+    const Elem* src = gmem + static_cast<int64_t>(valid ? rows[i] : 0) * row_stride + c;
+    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(src),
+        *reinterpret_cast<cute::uint128_t*>(dst + i * kRowsPerPass * kDim), valid);
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() { cute::cp_async_fence(); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {

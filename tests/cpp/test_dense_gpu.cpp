@@ -33,75 +33,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include "gpu_test_util.h"
+
 namespace {
 
 using namespace bsk_test;
 using bsk::DType;
 using bsk::TensorView;
-
-constexpr bsk::Device kCuda0{bsk::DeviceType::kCUDA, 0};
-
-// Empty when a GPU is usable, else why not.
-std::string no_gpu_reason() {
-  int n = 0;
-  const cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
-  }
-  if (n == 0) return "cudaGetDeviceCount found 0 devices";
-  return {};
-}
-
-#define REQUIRE_GPU()                                                       \
-  do {                                                                      \
-    const std::string why_ = no_gpu_reason();                               \
-    if (!why_.empty()) GTEST_SKIP() << "no CUDA GPU: " << why_;             \
-  } while (0)
-
-// Device memory mirroring a HostTensor's storage (same strides, same byte span).
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr) {
-      EXPECT_EQ(cudaSuccess, cudaFree(ptr));
-    }
-  }
-};
-
-void alloc(DeviceBuffer& d, size_t bytes) {
-  d.bytes = bytes;
-  ASSERT_EQ(cudaSuccess, cudaMalloc(&d.ptr, bytes == 0 ? 16 : bytes));
-}
-
-void upload(DeviceBuffer& d, const HostTensor& h) {
-  ASSERT_NO_FATAL_FAILURE(alloc(d, h.bytes()));
-  if (h.bytes()) {
-    ASSERT_EQ(cudaSuccess, cudaMemcpy(d.ptr, h.data(), h.bytes(), cudaMemcpyHostToDevice));
-  }
-}
-
-void poison(DeviceBuffer& d) {
-  if (d.bytes) {
-    ASSERT_EQ(cudaSuccess, cudaMemset(d.ptr, 0xFF, d.bytes));  // NaN in every dtype
-  }
-}
-
-void download(HostTensor& h, const DeviceBuffer& d) {
-  if (h.bytes()) {
-    ASSERT_EQ(cudaSuccess, cudaMemcpy(h.data(), d.ptr, h.bytes(), cudaMemcpyDeviceToHost));
-  }
-}
-
-TensorView device_view(HostTensor& h, const DeviceBuffer& d) {
-  TensorView t = h.view(kCuda0);
-  t.data = d.ptr;
-  return t;
-}
 
 struct GpuCase {
   std::string name;
@@ -164,49 +102,14 @@ void check_case(const GpuCase& c) {
   const TensorView rlv = ref_lse.view();
   bsk::ref::attention_forward(q.view(), k.view(), v.view(), ref.view(), &rlv, rp);
 
-  double num = 0.0, den = 0.0, rnd = 0.0;
-  int64_t nans = 0, bad_empty = 0;
-  for_each_index(ref.shape, [&](const Index& i) {
-    const double r = ref.get(i), g = out.get(i);
-    nans += std::isnan(g);
-    num += (g - r) * (g - r);
-    den += r * r;
-    const double rr = round_to(c.dt, r);
-    rnd += (rr - r) * (rr - r);
-    const bool no_key = c.causal && c.Skv - c.Sq + i[1] < 0;
-    if (no_key && g != 0.0) ++bad_empty;
+  expect_close_to_reference(out, lse, ref, ref_lse, [&](const Index& i) {
+    return c.causal && c.Skv - c.Sq + i[1] < 0;
   });
-  EXPECT_EQ(nans, 0) << "output elements left unwritten (poison) or NaN";
-  EXPECT_EQ(bad_empty, 0) << "rows with no key must be exactly 0";
-  const double err = std::sqrt(num / den), err_round = std::sqrt(rnd / den);
-  const double floor = c.dt == DType::kFloat16 ? 1e-3 : 8e-3;
-  EXPECT_LE(err, 2 * err_round + floor) << "relative error " << err << ", rounding alone "
-                                        << err_round;
-  ::testing::Test::RecordProperty("rel_err", std::to_string(err));
-
-  int64_t bad_lse = 0;
-  for_each_index(lse.shape, [&](const Index& i) {
-    const double r = ref_lse.get(i), g = lse.get(i);
-    const bool ok = std::isinf(r) ? g == r : std::abs(g - r) <= 1e-3;
-    if (!ok && bad_lse++ < 5)
-      ADD_FAILURE() << "lse[" << i[0] << "," << i[1] << "," << i[2] << "] = " << g << ", ref "
-                    << r;
-  });
-  EXPECT_EQ(bad_lse, 0);
 
   // Deterministic: a second launch gives the same bits.
   HostTensor out2 = make_t(c, c.Sq, c.Hq), lse2(DType::kFloat32, {c.B, c.Hq, c.Sq});
   ASSERT_NO_FATAL_FAILURE(run_gpu(c, q, k, v, dq, dk, dv, out2, lse2, p));
-  // Compare the addressed elements' bits (gaps of a strided out hold poison either way).
-  int64_t diff = 0;
-  for_each_index(out.shape, [&](const Index& i) {
-    const int64_t o = out.offset(i) * static_cast<int64_t>(bsk::dtype_size(c.dt));
-    diff += std::memcmp(reinterpret_cast<const char*>(out.data()) + o,
-                        reinterpret_cast<const char*>(out2.data()) + o,
-                        bsk::dtype_size(c.dt)) != 0;
-  });
-  EXPECT_EQ(diff, 0) << "two runs differ in out";
-  EXPECT_EQ(lse.storage, lse2.storage) << "two runs differ in lse";
+  expect_same_bits(out, lse, out2, lse2);
 }
 
 // include/bsk/tensor.h promises bsk::Stream is "the same type as cudaStream_t", so a caller can
@@ -253,22 +156,6 @@ INSTANTIATE_TEST_SUITE_P(Cases, DenseGpuTest, ::testing::ValuesIn(kGpuCases),
                          });
 
 // ---- CUDA-side argument errors (need a GPU: cudaPointerGetAttributes must work) --------------
-
-template <class F>
-void expect_invalid(F&& f, const std::string& arg, const std::string& rule) {
-  try {
-    f();
-  } catch (const bsk::InvalidArgument& e) {
-    EXPECT_EQ(e.argument(), arg) << e.what();
-    EXPECT_NE(std::string(e.what()).find(rule), std::string::npos)
-        << "message does not state \"" << rule << "\": " << e.what();
-    return;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected bsk::InvalidArgument('" << arg << "'), got: " << e.what();
-    return;
-  }
-  ADD_FAILURE() << "expected bsk::InvalidArgument('" << arg << "'), nothing thrown";
-}
 
 class DenseGpuErrors : public ::testing::Test {
  protected:
@@ -335,17 +222,6 @@ TEST_F(DenseGpuErrors, WrongDeviceIndex) {
   if (n < 2) GTEST_SKIP() << "needs two GPUs";
   for (TensorView* t : {&q, &k, &v, &out, &lse}) t->device.index = 1;
   expect_invalid([&] { call(); }, "q", "pointer lives on cuda:0");
-}
-
-TEST_F(DenseGpuErrors, SparseKOnCudaIsUnsupported) {
-  HostTensor hu(DType::kFloat32, {B, H, S});
-  DeviceBuffer du;
-  ASSERT_NO_FATAL_FAILURE(upload(du, hu));
-  const TensorView u = device_view(hu, du);
-  bsk::SparseKParams sp;
-  sp.k = 4;
-  sp.w = 4;
-  EXPECT_THROW(bsk::sparsek_attention_forward(q, k, v, u, out, &lse, sp), bsk::Unsupported);
 }
 
 }  // namespace

@@ -1,0 +1,237 @@
+"""The `sparsek-prefill` suite of docs/BENCHMARKS.md.
+
+    python -m blackwell_sparsek.bench_sparsek [--out bench/results] [--lengths 8192,32768,131072]
+
+B=1, Hq=32, Hkv=8, D=128, bf16, k=2048, w=1024, gate key_value, causal. For every length, in one
+process and on the same inputs: ours (the whole call, scores given, to output), sdpa-cudnn dense
+causal, and flex attention (torch.compile(flex_attention)) with a block mask of the same key
+budget: per 128-query block, the blocks of its causal window band plus the 16 earlier blocks with
+the largest mean score. The selection stage alone (score check, sort, thresholds, key lists) is
+the sum of its kernels' durations from torch.profiler over the same call. Correctness: a reduced
+problem (S=2048) against the float64 reference. Writes <out>/sparsek-prefill-<gpu>-<stamp>.*.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .bench import capture_env, gpu_slug, gpu_warmup, rel_err, time_calls, _cmd
+
+B, HQ, HKV, D, K, W, BLK = 1, 32, 8, 128, 2048, 1024, 128
+SELECT_KERNELS = ("encode_scores", "RadixSort", "finish_sort", "select_kernel", "list_kernel")
+
+
+def flops(S, k=K, w=W):
+    """4 * B * Hq * sum over rows of the keys each row attends (min(i+1, k+w), window first)."""
+    total = 0
+    for i in range(S):
+        win = min(w, i + 1)
+        total += win + min(k, max(0, i + 1 - w))
+    return 4 * B * HQ * total * D
+
+
+def inputs(S, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, S, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, S, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, S, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    # The paper's scorer shape: a learned projection plus a recency slope.
+    u = (torch.randn(B, HKV, S, device="cuda", generator=g)
+         + 1e-4 * torch.arange(S, device="cuda").float())
+    return q, k, v, u
+
+
+def flex_call(q, k, v, u):
+    """flex_attention with the same budget as a block mask (the rulebook's peer)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    S = q.shape[1]
+    nb = S // BLK
+    blk_score = u.view(B, HKV, nb, BLK).mean(-1).mean(1)[0]  # [nb], shared by heads
+    qb = torch.arange(nb, device="cuda")
+    win_blocks = W // BLK
+    kb = torch.arange(nb, device="cuda")
+    earlier = kb[None, :] < (qb[:, None] - win_blocks)
+    scores = torch.where(earlier, blk_score[None, :], torch.tensor(-float("inf"), device="cuda"))
+    top = scores.topk(min(16, nb), dim=1).indices
+    allowed = torch.zeros(nb, nb, dtype=torch.bool, device="cuda")
+    allowed.scatter_(1, top, True)
+    allowed &= earlier  # rows with fewer than 16 earlier blocks keep what exists
+
+    def mask_mod(b, h, qi, kj):
+        return (kj <= qi) & ((kj > qi - W) | allowed[qi // BLK, kj // BLK])
+
+    bm = create_block_mask(mask_mod, None, None, S, S, device="cuda", BLOCK_SIZE=BLK)
+    fa = torch.compile(flex_attention)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    return lambda: fa(qt, kt, vt, block_mask=bm, enable_gqa=True)
+
+
+def cudnn_call(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def fn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    return fn
+
+
+def selection_share(call):
+    """Kernel durations of one call from torch.profiler: (selection us, total kernel us)."""
+    from torch.profiler import ProfilerActivity, profile
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    sel = tot = 0.0
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        dur = e.device_time if hasattr(e, "device_time") else e.cuda_time
+        tot += dur
+        if any(s in e.name for s in SELECT_KERNELS):
+            sel += dur
+    return sel, tot
+
+
+def check_small():
+    import blackwell_sparsek as bsk
+    S, k, w = 2048, 256, 128
+    q, kk, v, u = inputs(S, 7)
+    q, kk, v = q[:, :, :4].contiguous(), kk[:, :, :1].contiguous(), v[:, :, :1].contiguous()
+    u = u[:, :1].contiguous()
+    out = bsk.sparsek_attention(q, kk, v, u, k, w)
+    ref = bsk.reference.sparsek_attention(q, kk, v, u, k, w)
+    err = rel_err(out.cpu().double(), ref)
+    err_round = rel_err(ref.to(torch.bfloat16).double(), ref)
+    return dict(S=S, k=k, w=w, Hq=4, Hkv=1, rel_err=err, rel_err_rounding=err_round,
+                ok=bool(err <= 2 * err_round + 8e-3))
+
+
+def run(lengths, peers):
+    import blackwell_sparsek as bsk
+    rows = []
+    for S in lengths:
+        print(f"S={S}", file=sys.stderr, flush=True)
+        q, k, v, u = inputs(S, S)
+        calls = {"ours": lambda: bsk.sparsek_attention(q, k, v, u, K, W)}
+        if "sdpa-cudnn" in peers:
+            calls["sdpa-cudnn"] = cudnn_call(q, k, v)
+        if "flex" in peers:
+            try:
+                calls["flex"] = flex_call(q, k, v, u)
+            except Exception as exc:  # reported, not hidden
+                rows.append(dict(S=S, peer="flex", error=f"{type(exc).__name__}: {exc}"))
+        fl = flops(S)
+        res = {}
+        for name, fn in calls.items():
+            try:
+                t = time_calls([fn])
+            except Exception as exc:
+                rows.append(dict(S=S, peer=name, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            res[name] = t["median_ms"]
+            rows.append(dict(S=S, peer=name, median_ms=t["median_ms"], reps=t["reps"],
+                             tflops_sparse=fl / t["median_ms"] / 1e9))
+        sel_us, tot_us = selection_share(calls["ours"])
+        for r in rows:
+            if r["S"] == S and r["peer"] == "ours":
+                r["selection_us"] = sel_us
+                r["kernels_us"] = tot_us
+                r["selection_share"] = sel_us / tot_us if tot_us else None
+                for p in ("sdpa-cudnn", "flex"):
+                    if p in res:
+                        r[f"speedup_vs_{p}"] = res[p] / res["ours"]
+        del q, k, v, u, calls
+        torch.cuda.empty_cache()
+    return rows
+
+
+def render(report):
+    env = report["env"]
+    lines = [f"# `sparsek-prefill` suite: {env.get('gpu')}", "",
+             f"commit {env.get('git_commit')}, {env.get('date_utc')}, torch {env.get('torch')}, "
+             f"CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, SM clock after run "
+             f"{env.get('sm_clock_after_run')}", "",
+             "B=1 Hq=32 Hkv=8 D=128 bf16 k=2048 w=1024 key_value causal; median ms of CUDA-event "
+             "timed calls; TFLOP/s counts the keys each row attends (k + w).", "",
+             "| S | peer | ms | TFLOP/s (sparse) | ours faster by | selection us (share) |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['S']} | {r['peer']} | error: {r['error'][:80]} | | | |")
+            continue
+        sp = ", ".join(f"{r[k]:.2f}x vs {k[11:]}" for k in r if k.startswith("speedup_vs_"))
+        sel = (f"{r['selection_us']:.0f} ({100 * r['selection_share']:.1f}%)"
+               if r.get("selection_share") is not None else "")
+        lines.append(f"| {r['S']} | {r['peer']} | {r['median_ms']:.3f} | "
+                     f"{r['tflops_sparse']:.0f} | {sp} | {sel} |")
+    c = report["check"]
+    lines += ["", f"correctness (S={c['S']}, k={c['k']}, w={c['w']}): rel err {c['rel_err']:.2e}, "
+                  f"rounding alone {c['rel_err_rounding']:.2e}: {'ok' if c['ok'] else 'FAIL'}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(report, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for peer in ("ours", "sdpa-cudnn", "flex"):
+        pts = [(r["S"], r["median_ms"]) for r in report["results"]
+               if r.get("peer") == peer and "median_ms" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=peer)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("S (tokens)")
+    ax.set_ylabel("ms per call")
+    ax.set_title(f"sparsek-prefill: {report['env'].get('gpu')}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m blackwell_sparsek.bench_sparsek",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join("bench", "results"))
+    ap.add_argument("--lengths", default="8192,32768,131072")
+    ap.add_argument("--peers", default="sdpa-cudnn,flex")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: benchmarks need one", file=sys.stderr)
+        return 2
+    env = capture_env()
+    gpu_warmup()
+    report = dict(suite="sparsek-prefill", env=env, check=check_small(),
+                  results=run([int(s) for s in args.lengths.split(",")], args.peers.split(",")))
+    smi = _cmd(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader"])
+    env["sm_clock_after_run"] = smi.splitlines()[0].strip() if smi else None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"sparsek-prefill-{gpu_slug(env.get('gpu', ''))}-{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    md = render(report)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    write_plot(report, base + ".png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

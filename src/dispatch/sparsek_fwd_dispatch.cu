@@ -1,0 +1,233 @@
+// SparseK forward on CUDA: score check + radix sort (CUB) -> selection -> per-block key lists ->
+// fused attention kernel, all on the caller's stream. Scratch memory comes from the stream-ordered
+// allocator (cudaMallocAsync), so repeated calls reuse the pool instead of calling cudaMalloc.
+// Four kernel instantiations (2 dtypes x 2 head dims).
+#include <cub/device/device_radix_sort.cuh>
+
+#include <climits>
+#include <string>
+
+#include "bsk/error.h"
+#include "common/cuda_check.h"
+#include "dispatch/sparsek_fwd.h"
+#include "kernels/dense_fwd_sm80.cuh"
+#include "kernels/sparsek_fwd_sm80.cuh"
+#include "kernels/sparsek_select.cuh"
+
+namespace bsk::detail {
+namespace {
+
+namespace sk = kernels::sparsek;
+
+// 64 query rows per CTA: the selected set of a block is at most budget + 63 keys and the
+// window band w + 63, so a smaller block wastes less than the dense kernel's 128 rows.
+constexpr int kBlockM = 64;
+template <typename Elem, int kHeadDim>
+using SparseKSm80Config = kernels::DenseFwdConfig<Elem, kHeadDim, kBlockM, /*kBlockN=*/64,
+                                                  /*kWarps=*/4, /*kQInRegs=*/true, /*kStages=*/2>;
+
+// One device allocation carved into aligned pieces, released on the stream when it goes out of
+// scope (also when an error unwinds).
+class Workspace {
+ public:
+  explicit Workspace(cudaStream_t stream) : stream_(stream) {}
+  ~Workspace() {
+    if (base_ != nullptr) cudaFreeAsync(base_, stream_);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  // Reserves bytes; pointers are valid after allocate().
+  size_t reserve(size_t bytes) {
+    const size_t off = size_;
+    size_ += (bytes + 255) / 256 * 256;
+    return off;
+  }
+  void allocate() { BSK_CUDA_CHECK(cudaMallocAsync(&base_, size_ ? size_ : 256, stream_)); }
+  template <typename T>
+  T* at(size_t off) const {
+    return reinterpret_cast<T*>(static_cast<char*>(base_) + off);
+  }
+
+ private:
+  cudaStream_t stream_;
+  void* base_ = nullptr;
+  size_t size_ = 0;
+};
+
+int grid_for(int64_t n, int threads) {
+  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535));
+}
+
+template <class Cfg>
+void launch_attention(const SparseKFwdArgs& a, const kernels::SparseKFwdParams<typename Cfg::Elem>& p,
+                      cudaStream_t stream) {
+  auto* kernel = kernels::sparsek_fwd_sm80_kernel<Cfg>;
+  constexpr int kSmem = kernels::SparseKSmem<Cfg>::kBytes;
+  if constexpr (kSmem > 48 * 1024)
+    BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  const dim3 grid(p.q_tiles, a.attn.heads_q, a.attn.batch);
+  kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
+  BSK_CUDA_CHECK_LAUNCH();
+}
+
+template <typename Elem>
+void run(const SparseKFwdArgs& a, cudaStream_t stream) {
+  const DenseFwdArgs& d = a.attn;
+  const int n = d.seqlen_k, nseg = d.batch * d.heads_kv;
+  const int q_tiles = (d.seqlen_q + kBlockM - 1) / kBlockM;
+  const int m_max = sk::candidates_of_row(d.seqlen_q - 1, d.seqlen_q, n, a.window);
+  const bool select = a.budget > 0 && m_max > a.budget;
+  const int list_cap = std::min(a.budget, n) + kBlockM;
+  const int64_t items = static_cast<int64_t>(nseg) * n;
+
+  Workspace ws(stream);
+  const size_t o_bad = ws.reserve(sizeof(unsigned long long));
+  size_t o_keys_in = 0, o_keys_out = 0, o_vals_in = 0, o_sorted_j = 0, o_sorted_u = 0, o_rank = 0,
+         o_thr_u = 0, o_thr_j = 0, o_tau = 0, o_list = 0, o_count = 0, o_cub = 0;
+  size_t cub_bytes = 0;
+  int end_bit = 32;
+  while (end_bit < 64 && (int64_t{1} << (end_bit - 32)) < nseg) ++end_bit;
+  if (select) {
+    o_keys_in = ws.reserve(items * sizeof(unsigned long long));
+    o_keys_out = ws.reserve(items * sizeof(unsigned long long));
+    o_vals_in = ws.reserve(items * sizeof(int));
+    o_sorted_j = ws.reserve(items * sizeof(int));
+    o_sorted_u = ws.reserve(items * sizeof(float));
+    o_rank = ws.reserve(items * sizeof(int));
+    const int64_t thr_items = static_cast<int64_t>(nseg) * (n + 1);
+    o_thr_u = ws.reserve(thr_items * sizeof(float));
+    o_thr_j = ws.reserve(thr_items * sizeof(int));
+    o_tau = ws.reserve(thr_items * sizeof(float));
+    o_list = ws.reserve(static_cast<int64_t>(nseg) * q_tiles * list_cap * sizeof(int));
+    BSK_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(
+        nullptr, cub_bytes, static_cast<unsigned long long*>(nullptr),
+        static_cast<unsigned long long*>(nullptr), static_cast<int*>(nullptr),
+        static_cast<int*>(nullptr), static_cast<int>(items), 0, end_bit, stream));
+    o_cub = ws.reserve(cub_bytes);
+  }
+  if (a.budget > 0) o_count = ws.reserve(static_cast<int64_t>(nseg) * q_tiles * sizeof(int));
+  ws.allocate();
+
+  // Scores must be finite: checked on the device, then one synchronization to raise the error.
+  sk::Scores scores{a.u, a.u_stride[0], a.u_stride[1], a.u_stride[2], d.heads_kv, n};
+  auto* bad = ws.at<unsigned long long>(o_bad);
+  BSK_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, sizeof(unsigned long long), stream));
+  sk::encode_scores_kernel<<<grid_for(items, 256), 256, 0, stream>>>(
+      scores, nseg, select ? ws.at<unsigned long long>(o_keys_in) : nullptr,
+      select ? ws.at<int>(o_vals_in) : nullptr, bad);
+  BSK_CUDA_CHECK_LAUNCH();
+  unsigned long long first_bad = 0;
+  BSK_CUDA_CHECK(cudaMemcpyAsync(&first_bad, bad, sizeof(first_bad), cudaMemcpyDeviceToHost, stream));
+  BSK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (first_bad != ~0ull) {
+    const unsigned long long e = first_bad - 1;
+    const int64_t seg = static_cast<int64_t>(e / n), j = static_cast<int64_t>(e % n);
+    throw InvalidArgument("u", "scores must be finite (no NaN or inf); u[" +
+                                   std::to_string(seg / d.heads_kv) + ", " +
+                                   std::to_string(seg % d.heads_kv) + ", " + std::to_string(j) +
+                                   "] is not");
+  }
+
+  if (select) {
+    BSK_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(
+        ws.at<void>(o_cub), cub_bytes, ws.at<unsigned long long>(o_keys_in),
+        ws.at<unsigned long long>(o_keys_out), ws.at<int>(o_vals_in), ws.at<int>(o_sorted_j),
+        static_cast<int>(items), 0, end_bit, stream));
+    sk::finish_sort_kernel<<<grid_for(items, 256), 256, 0, stream>>>(
+        ws.at<unsigned long long>(o_keys_out), ws.at<int>(o_sorted_j), nseg, n,
+        ws.at<float>(o_sorted_u), ws.at<int>(o_rank));
+    BSK_CUDA_CHECK_LAUNCH();
+
+    sk::SelectParams sp{};
+    sp.sorted_u = ws.at<float>(o_sorted_u);
+    sp.sorted_j = ws.at<int>(o_sorted_j);
+    sp.rank = ws.at<int>(o_rank);
+    sp.thr_u = ws.at<float>(o_thr_u);
+    sp.thr_j = ws.at<int>(o_thr_j);
+    sp.tau_rel = ws.at<float>(o_tau);
+    sp.n = n;
+    sp.k = a.budget;
+    sp.m_max = m_max;
+    sp.soft = a.gate != Gate::kNone;
+    const dim3 grid((m_max - a.budget + sk::kChunk - 1) / sk::kChunk, nseg);
+    sk::select_kernel<<<grid, sk::kSelectThreads, 0, stream>>>(sp);
+    BSK_CUDA_CHECK_LAUNCH();
+  }
+  if (a.budget > 0) {
+    sk::ListParams lp{};
+    lp.sorted_u = select ? ws.at<float>(o_sorted_u) : nullptr;
+    lp.sorted_j = select ? ws.at<int>(o_sorted_j) : nullptr;
+    lp.rank = select ? ws.at<int>(o_rank) : nullptr;
+    lp.thr_u = select ? ws.at<float>(o_thr_u) : nullptr;
+    lp.thr_j = select ? ws.at<int>(o_thr_j) : nullptr;
+    lp.scores = scores;
+    lp.list = select ? ws.at<int>(o_list) : nullptr;
+    lp.count = ws.at<int>(o_count);
+    lp.cap = list_cap;
+    lp.n = n;
+    lp.seqlen_q = d.seqlen_q;
+    lp.k = a.budget;
+    lp.w = a.window;
+    lp.block_m = kBlockM;
+    lp.q_tiles = q_tiles;
+    sk::list_kernel<<<dim3(q_tiles, nseg), sk::kSelectThreads, 0, stream>>>(lp);
+    BSK_CUDA_CHECK_LAUNCH();
+  }
+
+  kernels::SparseKFwdParams<Elem> p{};
+  p.q = static_cast<const Elem*>(d.q);
+  p.k = static_cast<const Elem*>(d.k);
+  p.v = static_cast<const Elem*>(d.v);
+  p.out = static_cast<Elem*>(d.out);
+  p.lse = d.lse;
+  p.q_sb = d.q_stride[0], p.q_ss = d.q_stride[1], p.q_sh = d.q_stride[2];
+  p.k_sb = d.k_stride[0], p.k_ss = d.k_stride[1], p.k_sh = d.k_stride[2];
+  p.v_sb = d.v_stride[0], p.v_ss = d.v_stride[1], p.v_sh = d.v_stride[2];
+  p.o_sb = d.out_stride[0], p.o_ss = d.out_stride[1], p.o_sh = d.out_stride[2];
+  p.lse_sb = d.lse_stride[0], p.lse_sh = d.lse_stride[1], p.lse_ss = d.lse_stride[2];
+  p.u = a.u;
+  p.u_sb = a.u_stride[0], p.u_sh = a.u_stride[1], p.u_sj = a.u_stride[2];
+  p.thr_u = select ? ws.at<float>(o_thr_u) : nullptr;
+  p.thr_j = select ? ws.at<int>(o_thr_j) : nullptr;
+  p.tau_rel = select ? ws.at<float>(o_tau) : nullptr;
+  p.list = select ? ws.at<int>(o_list) : nullptr;
+  p.count = a.budget > 0 ? ws.at<int>(o_count) : nullptr;
+  p.list_cap = list_cap;
+  p.q_tiles = q_tiles;
+  p.seqlen_q = d.seqlen_q;
+  p.seqlen_k = n;
+  p.heads_kv = d.heads_kv;
+  p.group = d.heads_q / d.heads_kv;
+  p.budget = a.budget;
+  p.window = a.window;
+  p.gate_logits = a.gate == Gate::kKeyValue;
+  p.softmax_scale = d.softmax_scale;
+  p.scale_log2 = static_cast<float>(d.softmax_scale * 1.4426950408889634);
+
+  switch (d.head_dim) {
+    case 64: return launch_attention<SparseKSm80Config<Elem, 64>>(a, p, stream);
+    case 128: return launch_attention<SparseKSm80Config<Elem, 128>>(a, p, stream);
+    default:
+      throw InvalidArgument("q", "head dim must be 64 or 128 on CUDA, got " +
+                                     std::to_string(d.head_dim));
+  }
+}
+
+}  // namespace
+
+void sparsek_fwd_cuda(const SparseKFwdArgs& a, int device, cudaStream_t stream) {
+  const int cc = device_cc(device);
+  if (cc < 80)
+    throw Unsupported("SparseK attention needs a GPU of compute capability 8.0 or newer; cuda:" +
+                      std::to_string(device) + " is " + std::to_string(cc / 10) + "." +
+                      std::to_string(cc % 10));
+  switch (a.attn.dtype) {
+    case DType::kFloat16: return run<__half>(a, stream);
+    case DType::kBFloat16: return run<__nv_bfloat16>(a, stream);
+    default:
+      throw InvalidArgument("q", std::string("dtype must be float16 or bfloat16 on CUDA, got ") +
+                                     dtype_name(a.attn.dtype));
+  }
+}
+
+}  // namespace bsk::detail

@@ -1,0 +1,287 @@
+// SparseK selection on the GPU (docs/SPARSEK_SPEC.md): for every candidate count m (query row
+// i has m = i - w + 1 candidates, keys [0, m)), the k-th best candidate under the spec's order
+// (its score and index: the threshold that defines S_i) and, for the soft gates, tau.
+//
+// Why it is linear and not quadratic: the scores of one (batch, KV head) are sorted once in the
+// spec's order (larger u first, ties toward larger j). A candidate is "active" for m when j < m.
+// As m grows by one, one key becomes active, and the threshold, like tau, only moves up the
+// sorted order (the spec: tau is non-decreasing). So one thread can walk consecutive m with three
+// cursors into the sorted array that only move up: the threshold position, and the two edges of
+// tau's band (u >= tau + 1: gate 1; tau < u < tau + 1: fractional). The m range is cut into
+// chunks of kChunk values; a block sets up its chunk's first state exactly by a parallel scan
+// of the sorted array, then one thread walks the chunk.
+//
+// tau comes from the spec's closed form on the band: with U = #{u >= tau + 1} and W = #{u > tau}
+// among the active keys, f(tau) = U + sum_band (u - tau) is linear between breakpoints (u and
+// u - 1 of the keys), and the walk moves tau up breakpoint by breakpoint until f drops to k.
+// Everything runs in float64 relative to an anchor (the chunk's first threshold score), so
+// large scores keep their differences (tau is reported relative to the row's threshold score:
+// gate = clip((u - thr) - tau_rel, 0, 1), exact for close scores by Sterbenz' lemma).
+#pragma once
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <cmath>
+#include <cstdint>
+
+namespace bsk::kernels::sparsek {
+
+// Order-preserving unsigned code of a float (-0 counts as +0: the spec compares values).
+__device__ __forceinline__ uint32_t order_code(float x) {
+  const uint32_t b = __float_as_uint(x + 0.0f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float from_order_code(uint32_t c) {
+  return __uint_as_float((c & 0x80000000u) ? (c & 0x7fffffffu) : ~c);
+}
+
+struct Scores {  // u: float32 [B, Hkv, Skv], element strides
+  const float* u;
+  int64_t sb, sh, sj;
+  int heads_kv, seqlen_k;
+  __device__ __forceinline__ float at(int seg, int j) const {
+    return u[(seg / heads_kv) * sb + (seg % heads_kv) * sh + j * sj];
+  }
+};
+
+// Checks every score is finite (flag: the first bad flat index + 1, smallest wins) and, when
+// keys != null, writes the radix-sort input: key = (segment, order code) so that a descending
+// sort groups segments in ascending order with scores descending; keys enter in decreasing j
+// so the stable sort leaves ties in decreasing j, the spec's tie rule.
+__global__ void encode_scores_kernel(Scores s, int num_segments, unsigned long long* keys,
+                                     int* vals, unsigned long long* bad) {
+  const int64_t n = static_cast<int64_t>(num_segments) * s.seqlen_k;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < n;
+       e += int64_t{gridDim.x} * blockDim.x) {
+    const int seg = static_cast<int>(e / s.seqlen_k);
+    const int j = s.seqlen_k - 1 - static_cast<int>(e % s.seqlen_k);
+    const float x = s.at(seg, j);
+    if (!isfinite(x)) {
+      atomicMin(bad, static_cast<unsigned long long>(seg) * s.seqlen_k + j + 1);
+      continue;
+    }
+    if (keys != nullptr) {
+      keys[e] = (static_cast<unsigned long long>(num_segments - 1 - seg) << 32) | order_code(x);
+      vals[e] = j;
+    }
+  }
+}
+
+// After the sort: sorted scores as floats, and every key's position in its segment's order.
+__global__ void finish_sort_kernel(const unsigned long long* sorted_keys, const int* sorted_j,
+                                   int num_segments, int n, float* sorted_u, int* rank) {
+  const int64_t total = static_cast<int64_t>(num_segments) * n;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total;
+       e += int64_t{gridDim.x} * blockDim.x) {
+    sorted_u[e] = from_order_code(static_cast<uint32_t>(sorted_keys[e]));
+    const int64_t seg = e / n;
+    rank[seg * n + sorted_j[e]] = static_cast<int>(e - seg * n);
+  }
+}
+
+struct SelectParams {
+  const float* sorted_u;  // [segments, n]
+  const int* sorted_j;    // [segments, n]
+  const int* rank;        // [segments, n]
+  float* thr_u;           // [segments, n + 1], indexed by m
+  int* thr_j;
+  float* tau_rel;         // gate = clip((u - thr_u) - tau_rel, 0, 1); -inf: every gate 1
+  int n;                  // Skv
+  int k;                  // budget, >= 1
+  int m_max;              // largest m any query row has
+  bool soft;              // gates key_value / value (tau needed)
+};
+
+constexpr int kSelectThreads = 256;
+constexpr int kChunk = 256;  // m values per block
+
+// One block per (chunk of m values, segment). m runs over [k + 1, m_max]; m <= k needs no
+// selection (every candidate is in, with gate 1).
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectParams p) {
+  using Scan = cub::BlockScan<int, kSelectThreads>;
+  using ReduceI = cub::BlockReduce<int, kSelectThreads>;
+  using ReduceD = cub::BlockReduce<double, kSelectThreads>;
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    typename ReduceI::TempStorage ri;
+    typename ReduceD::TempStorage rd;
+  } tmp;
+  __shared__ int s_pos;
+
+  const int seg = blockIdx.y;
+  const int m_begin = p.k + 1 + blockIdx.x * kChunk;
+  const int m_end = min(m_begin + kChunk, p.m_max + 1);
+  if (m_begin >= m_end) return;
+  const float* su = p.sorted_u + static_cast<int64_t>(seg) * p.n;
+  const int* sj = p.sorted_j + static_cast<int64_t>(seg) * p.n;
+  const int* rank = p.rank + static_cast<int64_t>(seg) * p.n;
+  const int64_t out0 = static_cast<int64_t>(seg) * (p.n + 1);
+  const int tid = threadIdx.x;
+
+  // Position of the k-th active key (j < m_begin) in sorted order.
+  if (tid == 0) s_pos = -1;
+  int seen = 0;
+  for (int base = 0; base < p.n; base += kSelectThreads) {
+    const int pos = base + tid;
+    const int active = pos < p.n && sj[pos] < m_begin;
+    int before, total;
+    Scan(tmp.scan).ExclusiveSum(active, before, total);
+    if (active && seen + before + 1 == p.k) s_pos = pos;
+    __syncthreads();
+    seen += total;
+    if (seen >= p.k) break;
+  }
+  int ck = s_pos;  // exists: m_begin > k keys are active
+
+  // Band edges at tau = thr - 1 (f(thr - 1) >= k): pa = first position with u < thr (saturated
+  // above), pe = first with u <= thr - 1; then U, W and the band sum among active keys.
+  const double ref = su[ck];
+  int pa = 0, pe = 0;
+  long long U = 0, W = 0;
+  double band = 0.0;
+  if (p.soft) {
+    int lo = ck, hi = p.n;  // first position in [ck, n) with su < ref
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (static_cast<double>(su[mid]) < ref) hi = mid; else lo = mid + 1;
+    }
+    pa = lo;
+    hi = p.n;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (static_cast<double>(su[mid]) <= ref - 1.0) hi = mid; else lo = mid + 1;
+    }
+    pe = lo;
+    int u_part = 0, w_part = 0;
+    double b_part = 0.0;
+    for (int pos = tid; pos < pe; pos += kSelectThreads) {
+      if (sj[pos] >= m_begin) continue;
+      ++w_part;
+      if (pos < pa) ++u_part; else b_part += static_cast<double>(su[pos]) - ref;
+    }
+    U = ReduceI(tmp.ri).Sum(u_part);
+    __syncthreads();
+    W = ReduceI(tmp.ri).Sum(w_part);
+    __syncthreads();
+    band = ReduceD(tmp.rd).Sum(b_part);
+  }
+  if (tid != 0) return;
+
+  const double kd = p.k;
+  double tau = -1.0;  // relative to ref; f(tau) >= k holds here and after every activation
+  for (int m = m_begin; m < m_end; ++m) {
+    if (p.soft) {
+      // Raise tau breakpoint by breakpoint until f falls to k: exits at u (the key leaves the
+      // band), un-saturations at u - 1 (the key enters the band from above).
+      for (;;) {
+        const double ze = pe > 0 ? static_cast<double>(su[pe - 1]) - ref : INFINITY;
+        const double za = pa > 0 ? static_cast<double>(su[pa - 1]) - 1.0 - ref : INFINITY;
+        const double tn = fmin(ze, za);
+        if (tn == INFINITY) break;  // unreachable with k < m; keeps the loop finite regardless
+        const double fn = static_cast<double>(U) + band - static_cast<double>(W - U) * tn;
+        if (fn <= kd) {
+          const double t = W > U ? (band + static_cast<double>(U) - kd) / static_cast<double>(W - U)
+                                 : tn;
+          tau = fmin(fmax(t, tau), tn);
+          break;
+        }
+        if (ze <= za) {
+          --pe;
+          if (sj[pe] < m) { --W; band -= ze; }
+        } else {
+          --pa;
+          if (sj[pa] < m) { --U; band += static_cast<double>(su[pa]) - ref; }
+        }
+        tau = tn;
+      }
+    }
+    const float thr = su[ck];
+    p.thr_u[out0 + m] = thr;
+    p.thr_j[out0 + m] = sj[ck];
+    p.tau_rel[out0 + m] =
+        p.soft ? static_cast<float>(tau + (ref - static_cast<double>(thr))) : -INFINITY;
+
+    // Key j = m becomes active for m + 1.
+    if (m + 1 < m_end) {
+      const int r = rank[m];
+      if (r < ck) {  // one more active key above the threshold: it moves to the next one up
+        int q = ck - 1;
+        while (sj[q] > m) --q;
+        ck = q;
+      }
+      if (p.soft) {
+        if (r < pa) { ++U; ++W; }
+        else if (r < pe) { ++W; band += static_cast<double>(su[r]) - ref; }
+      }
+    }
+  }
+}
+
+struct ListParams {
+  const float* sorted_u;
+  const int* sorted_j;
+  const int* rank;
+  const float* thr_u;
+  const int* thr_j;
+  Scores scores;
+  int* list;     // [segments, q_tiles, cap]
+  int* count;    // [segments, q_tiles]
+  int cap;       // k + block_m
+  int n, seqlen_q, k, w, block_m, q_tiles;
+};
+
+__host__ __device__ __forceinline__ int candidates_of_row(int t, int seqlen_q, int seqlen_k, int w) {
+  const int i = seqlen_k - seqlen_q + t;  // absolute position
+  return i < 0 ? 0 : max(0, i - w + 1);
+}
+
+// The keys that a block of query rows may select: those beating the first row's threshold among
+// its candidates (exactly k), plus the newer candidates of later rows that beat it too (the
+// threshold only rises, so nothing else can be selected in the block). Per-row masks in the
+// attention kernel take it from there.
+__global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p) {
+  using Scan = cub::BlockScan<int, kSelectThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  const int qt = blockIdx.x, seg = blockIdx.y, tid = threadIdx.x;
+  const int t0 = qt * p.block_m, t1 = min(t0 + p.block_m, p.seqlen_q);
+  const int m_first = candidates_of_row(t0, p.seqlen_q, p.n, p.w);
+  const int m_last = candidates_of_row(t1 - 1, p.seqlen_q, p.n, p.w);
+  int* out = p.list + (static_cast<int64_t>(seg) * p.q_tiles + qt) * p.cap;
+  int written = 0;
+  if (m_first <= p.k) {  // every candidate of the block is in: the kernel reads [0, m_last)
+    written = m_last;
+  } else {
+    const int64_t o = static_cast<int64_t>(seg) * (p.n + 1) + m_first;
+    const float tu = p.thr_u[o];
+    const int tj = p.thr_j[o];
+    const int64_t so = static_cast<int64_t>(seg) * p.n;
+    const int last = p.rank[so + tj];
+    for (int base = 0; base <= last; base += kSelectThreads) {
+      const int pos = base + tid;
+      const int j = pos <= last ? p.sorted_j[so + pos] : p.n;
+      const int keep = j < m_first;
+      int before, total;
+      Scan(tmp).ExclusiveSum(keep, before, total);
+      __syncthreads();
+      if (keep) out[written + before] = j;
+      written += total;
+    }
+    for (int base = m_first; base < m_last; base += kSelectThreads) {
+      const int j = base + tid;
+      int keep = 0;
+      if (j < m_last) {
+        const float x = p.scores.at(seg, j);
+        keep = x > tu || (x == tu && j >= tj);
+      }
+      int before, total;
+      Scan(tmp).ExclusiveSum(keep, before, total);
+      __syncthreads();
+      if (keep) out[written + before] = j;
+      written += total;
+    }
+  }
+  if (tid == 0) p.count[static_cast<int64_t>(seg) * p.q_tiles + qt] = written;
+}
+
+}  // namespace bsk::kernels::sparsek
