@@ -46,6 +46,8 @@ __all__ = [
     "reference",
     "sdpa",
     "sparsek_attention",
+    "sparsek_gates",
+    "SparseKAttention",
 ]
 
 _attention_fwd = ops.attention_fwd
@@ -151,8 +153,11 @@ def sparsek_attention(
     "none" (hard top-k). q/k/v as in :func:`attention`. (The budget is called ``k`` in the paper
     and the C++ API; it is ``k_budget`` here because ``k`` is the key tensor.)
 
-    Returns ``out`` or ``(out, lse)`` as :func:`attention`. CPU tensors only for now: the CUDA
-    kernel is not built yet (``NotImplementedError``).
+    Returns ``out`` or ``(out, lse)`` as :func:`attention`. CUDA tensors (fp16/bf16, head dim
+    64/128) run the GPU selection and fused kernel; CPU tensors the float64 reference.
     """
     out, lse = _sparsek_fwd(q, k, v, u, k_budget, window, gate, softmax_scale)
     return (out, lse) if return_lse else out
+
+
+from .modules import SparseKAttention, sparsek_gates  # noqa: E402  (needs sparsek_attention)

@@ -5,6 +5,8 @@
 // chunks, GQA and MQA, every gate mode. Every test skips without a GPU.
 #include "test_util.h"
 
+#include <cmath>
+
 #include <cuda_runtime_api.h>
 
 #include "gpu_test_util.h"
@@ -92,7 +94,9 @@ void check_case(const SparseKCase& c) {
 
   HostTensor ref(DType::kFloat64, {c.B, c.Sq, c.Hq, c.D}), ref_lse(DType::kFloat32, {c.B, c.Hq, c.Sq});
   const TensorView rlv = ref_lse.view();
-  bsk::sparsek_attention_forward(q.view(), k.view(), v.view(), u.view(), ref.view(), &rlv, p);
+  bsk::SparseKParams rp = p;
+  rp.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.D)));
+  bsk::ref::sparsek_attention_forward(q.view(), k.view(), v.view(), u.view(), ref.view(), &rlv, rp);
   expect_close_to_reference(out, lse, ref, ref_lse,
                             [&](const Index& i) { return c.Skv - c.Sq + i[1] < 0; });
 
