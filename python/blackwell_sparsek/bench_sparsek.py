@@ -66,7 +66,8 @@ def flex_call(q, k, v, u):
     def mask_mod(b, h, qi, kj):
         return (kj <= qi) & ((kj > qi - W) | allowed[qi // BLK, kj // BLK])
 
-    bm = create_block_mask(mask_mod, None, None, S, S, device="cuda", BLOCK_SIZE=BLK)
+    bm = create_block_mask(mask_mod, None, None, S, S, device="cuda", BLOCK_SIZE=BLK,
+                           _compile=True)
     fa = torch.compile(flex_attention)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     return lambda: fa(qt, kt, vt, block_mask=bm, enable_gqa=True)
@@ -83,7 +84,8 @@ def cudnn_call(q, k, v):
 
 
 def selection_share(call):
-    """Kernel durations of one call from torch.profiler: (selection us, total kernel us)."""
+    """Kernel durations of one call from torch.profiler: (selection us, total kernel us,
+    {kernel name: us})."""
     from torch.profiler import ProfilerActivity, profile
     call()
     torch.cuda.synchronize()
@@ -91,14 +93,17 @@ def selection_share(call):
         call()
         torch.cuda.synchronize()
     sel = tot = 0.0
+    per = {}
     for e in prof.events():
         if e.device_type.name != "CUDA":
             continue
         dur = e.device_time if hasattr(e, "device_time") else e.cuda_time
         tot += dur
+        short = e.name.split("(")[0].split("<")[0][-60:]
+        per[short] = per.get(short, 0.0) + dur
         if any(s in e.name for s in SELECT_KERNELS):
             sel += dur
-    return sel, tot
+    return sel, tot, per
 
 
 def check_small():
@@ -140,12 +145,14 @@ def run(lengths, peers):
             res[name] = t["median_ms"]
             rows.append(dict(S=S, peer=name, median_ms=t["median_ms"], reps=t["reps"],
                              tflops_sparse=fl / t["median_ms"] / 1e9))
-        sel_us, tot_us = selection_share(calls["ours"])
+        sel_us, tot_us, per = selection_share(calls["ours"])
+        print(f"  kernels (us): {per}", file=sys.stderr, flush=True)
         for r in rows:
             if r["S"] == S and r["peer"] == "ours":
                 r["selection_us"] = sel_us
                 r["kernels_us"] = tot_us
                 r["selection_share"] = sel_us / tot_us if tot_us else None
+                r["kernels"] = per
                 for p in ("sdpa-cudnn", "flex"):
                     if p in res:
                         r[f"speedup_vs_{p}"] = res[p] / res["ours"]

@@ -19,12 +19,12 @@ namespace {
 
 namespace sk = kernels::sparsek;
 
-// 64 query rows per CTA: the selected set of a block is at most budget + 63 keys and the
-// window band w + 63, so a smaller block wastes less than the dense kernel's 128 rows.
-constexpr int kBlockM = 64;
+// 128 rows per CTA (4 warps, two 16-row tiles each, like the dense kernel): up to 4 query heads
+// of one KV group times 32..128 positions, so gathered K/V rows serve several heads at once.
 template <typename Elem, int kHeadDim>
-using SparseKSm80Config = kernels::DenseFwdConfig<Elem, kHeadDim, kBlockM, /*kBlockN=*/64,
-                                                  /*kWarps=*/4, /*kQInRegs=*/true, /*kStages=*/2>;
+using SparseKSm80Config =
+    kernels::DenseFwdConfig<Elem, kHeadDim, /*kBlockM=*/128, /*kBlockN=*/kHeadDim == 64 ? 64 : 32,
+                            /*kWarps=*/4, /*kQInRegs=*/false, /*kStages=*/2>;
 
 // One device allocation carved into aligned pieces, released on the stream when it goes out of
 // scope (also when an error unwinds).
@@ -65,7 +65,7 @@ void launch_attention(const SparseKFwdArgs& a, const kernels::SparseKFwdParams<t
   constexpr int kSmem = kernels::SparseKSmem<Cfg>::kBytes;
   if constexpr (kSmem > 48 * 1024)
     BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-  const dim3 grid(p.q_tiles, a.attn.heads_q, a.attn.batch);
+  const dim3 grid(p.q_tiles, a.attn.heads_q / p.heads, a.attn.batch);
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
   BSK_CUDA_CHECK_LAUNCH();
 }
@@ -74,10 +74,13 @@ template <typename Elem>
 void run(const SparseKFwdArgs& a, cudaStream_t stream) {
   const DenseFwdArgs& d = a.attn;
   const int n = d.seqlen_k, nseg = d.batch * d.heads_kv;
-  const int q_tiles = (d.seqlen_q + kBlockM - 1) / kBlockM;
+  const int group = d.heads_q / d.heads_kv;
+  const int heads = group % 4 == 0 ? 4 : (group % 2 == 0 ? 2 : 1);  // query heads per CTA
+  const int positions = 128 / heads;                                 // query rows per head
+  const int q_tiles = (d.seqlen_q + positions - 1) / positions;
   const int m_max = sk::candidates_of_row(d.seqlen_q - 1, d.seqlen_q, n, a.window);
   const bool select = a.budget > 0 && m_max > a.budget;
-  const int list_cap = std::min(a.budget, n) + kBlockM;
+  const int list_cap = std::min(a.budget, n) + positions;
   const int64_t items = static_cast<int64_t>(nseg) * n;
 
   Workspace ws(stream);
@@ -168,7 +171,7 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
     lp.seqlen_q = d.seqlen_q;
     lp.k = a.budget;
     lp.w = a.window;
-    lp.block_m = kBlockM;
+    lp.block_m = positions;
     lp.q_tiles = q_tiles;
     sk::list_kernel<<<dim3(q_tiles, nseg), sk::kSelectThreads, 0, stream>>>(lp);
     BSK_CUDA_CHECK_LAUNCH();
@@ -197,7 +200,8 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
   p.seqlen_q = d.seqlen_q;
   p.seqlen_k = n;
   p.heads_kv = d.heads_kv;
-  p.group = d.heads_q / d.heads_kv;
+  p.group = group;
+  p.heads = heads;
   p.budget = a.budget;
   p.window = a.window;
   p.gate_logits = a.gate == Gate::kKeyValue;

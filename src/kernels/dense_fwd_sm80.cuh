@@ -152,9 +152,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   }
 
-  Tile::store(o, row_m, row_l, sQ, p.out + b * p.o_sb + h * p.o_sh, p.o_ss,
-              p.lse ? p.lse + b * p.lse_sb + h * p.lse_sh : nullptr, p.lse_ss, m0, p.seqlen_q,
-              p.softmax_scale);
+  Elem* const out = p.out + b * p.o_sb + h * p.o_sh;
+  float* const lse = p.lse ? p.lse + b * p.lse_sb + h * p.lse_sh : nullptr;
+  Tile::store(o, row_m, row_l, sQ, [&](int r) {
+    const int row = m0 + r;
+    return typename Tile::RowDest{row < p.seqlen_q ? out + row * p.o_ss : nullptr,
+                                  lse ? lse + row * p.lse_ss : nullptr};
+  }, p.softmax_scale);
 }
 
 }  // namespace bsk::kernels

@@ -164,15 +164,18 @@ struct AttnTile {
     }
   }
 
-  // Normalizes and writes rows [m0, m0 + kBlockM) (those below seqlen_q) of one head: the row
-  // sums finish across the quad, each warp stages its rows in its own rows of `stage` (a
-  // kBlockM x D swizzled tile no other warp reads, so a warp barrier suffices), then 16-byte
-  // chunks go out so that consecutive lanes write consecutive bytes of a row. lse (natural log)
-  // is written where lse is not null; rows that saw no key get 0 and -inf.
+  // Normalizes and writes the block's rows: dest(row) gives row `row`'s output row and lse slot
+  // (RowDest{nullptr, ...} for rows past the end). The row sums finish across the quad, each warp
+  // stages its rows in its own rows of `stage` (a kBlockM x D swizzled tile no other warp reads,
+  // so a warp barrier suffices), then 16-byte chunks go out so that consecutive lanes write
+  // consecutive bytes of a row. Rows that saw no key get 0 and lse -inf.
+  struct RowDest {
+    Elem* out;
+    float* lse;  // may be null
+  };
+  template <class Dest>
   static __device__ __forceinline__ void store(const OAcc& o, const RowStat& row_m,
-                                               const RowStat& row_l, Elem* stage, Elem* out,
-                                               int64_t out_row_stride, float* lse,
-                                               int64_t lse_row_stride, int m0, int seqlen_q,
+                                               const RowStat& row_l, Elem* stage, Dest&& dest,
                                                float softmax_scale) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
@@ -189,9 +192,9 @@ struct AttnTile {
         for (int dt = 0; dt < D / 8; ++dt)
           *reinterpret_cast<uint32_t*>(st + swizzle<D>(g + 8 * r, dt * 8 + 2 * t)) =
               pack2<Elem>(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
-        const int row = m0 + row_of(mt, 2 * r);
-        if (lse != nullptr && t == 0 && row < seqlen_q)
-          lse[row * lse_row_stride] = l > 0.f ? row_m[mt][r] * softmax_scale + logf(l) : -INFINITY;
+        const RowDest d = dest(row_of(mt, 2 * r));
+        if (d.out != nullptr && d.lse != nullptr && t == 0)
+          *d.lse = l > 0.f ? row_m[mt][r] * softmax_scale + logf(l) : -INFINITY;
       }
       __syncwarp();
       constexpr int kChunksPerRow = D / 8;
@@ -199,9 +202,9 @@ struct AttnTile {
       for (int i = 0; i < 16 * kChunksPerRow / 32; ++i) {
         const int c = lane + 32 * i;
         const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-        const int row = m0 + mt * 16 * Cfg::kWarps + warp * 16 + r;
-        if (row < seqlen_q)
-          *reinterpret_cast<uint4*>(out + row * out_row_stride + col) =
+        const RowDest d = dest(mt * 16 * Cfg::kWarps + warp * 16 + r);
+        if (d.out != nullptr)
+          *reinterpret_cast<uint4*>(d.out + col) =
               *reinterpret_cast<const uint4*>(st + swizzle<D>(r, col));
       }
     }

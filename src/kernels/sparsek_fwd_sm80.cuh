@@ -1,6 +1,8 @@
-// SparseK attention forward on sm_80+ tensor cores (docs/SPARSEK_SPEC.md), one CTA per
-// (block of kBlockM query rows, query head, batch), the dense kernel's per-block steps
-// (sm80_attention_tile.cuh) over two kinds of key blocks in one online softmax:
+// SparseK attention forward on sm_80+ tensor cores (docs/SPARSEK_SPEC.md). One CTA holds
+// kBlockM = 128 rows: `heads` query heads of one KV group (1, 2 or 4) times 128 / heads
+// consecutive query positions, so every gathered K/V row feeds every query head that selects it.
+// The dense kernel's per-block steps (sm80_attention_tile.cuh) run over two kinds of key blocks in
+// one online softmax:
 //   1. selected keys: the block's list from the selection stage (sparsek_select.cuh), gathered
 //      row by row into shared memory; each row keeps the keys it selects (j < m_row and beating
 //      its threshold) with gate clip((u - thr) - tau_rel, 0, 1);
@@ -8,6 +10,10 @@
 // A row's window and its candidates are disjoint (j > i - w against j <= i - w), so no key
 // counts twice. Gate "key_value" scales the logit and the value weight by the gate, "value"
 // only the value weight; the softmax denominator always takes the ungated weight (spec table).
+// Per element the selection costs one 64-bit compare (key (order code of u, j) against the row's
+// threshold key), one index compare and one saturating add for the gate: gate =
+// sat((u - u_ref) - b_row) with u_ref one threshold score of the block and b_row = (thr_row -
+// u_ref) + tau_row, exact where the gate is fractional (there u is close to thr_row).
 // Double-buffered K/V; a fixed loop order, so results are bitwise reproducible.
 #pragma once
 
@@ -15,6 +21,7 @@
 #include <cstdint>
 
 #include "kernels/sm80_attention_tile.cuh"
+#include "kernels/sparsek_select.cuh"
 
 namespace bsk::kernels {
 
@@ -38,26 +45,31 @@ struct SparseKFwdParams {
   const int* list;   // [B*Hkv, q_tiles, list_cap]
   const int* count;  // [B*Hkv, q_tiles]
   int list_cap, q_tiles;
+  int heads;         // query heads per CTA (1, 2 or 4; divides Hq / Hkv)
   int seqlen_q, seqlen_k, heads_kv, group;
   int budget, window;
   bool gate_logits;  // "key_value"
   float softmax_scale, scale_log2;
 };
 
-// Per query row of the block: candidates m and the selection threshold / tau for that m.
+// Per query position of the block: candidates m, the threshold key (order code << 32 | j; 0 lets
+// every candidate in) and the gate offset b (-inf: every gate 1).
 struct SparseKRow {
+  unsigned long long thr_key;
   int m;
-  float thr_u;
-  int thr_j;
-  float tau_rel;
+  float b;
 };
+
+__device__ __forceinline__ unsigned long long sparsek_key(float u, int j) {
+  return (static_cast<unsigned long long>(sparsek::order_code(u)) << 32) | static_cast<uint32_t>(j);
+}
 
 template <class Cfg>
 struct SparseKSmem {
   using Elem = typename Cfg::Elem;
   static constexpr int kTileBytes = Cfg::kBlockN * Cfg::kHeadDim * sizeof(Elem);
   static constexpr int kBytes = Cfg::kBlockM * Cfg::kHeadDim * sizeof(Elem) + 4 * kTileBytes +
-                                2 * Cfg::kBlockN * (sizeof(int) + sizeof(float)) +
+                                2 * Cfg::kBlockN * (sizeof(unsigned long long) + sizeof(float)) +
                                 Cfg::kBlockM * sizeof(SparseKRow);
 };
 
@@ -68,40 +80,46 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   using Tile = sm80::AttnTile<Cfg>;
   constexpr int D = Cfg::kHeadDim, BM = Cfg::kBlockM, BN = Cfg::kBlockN, MT = Cfg::kRowTiles;
   constexpr int kThreads = Cfg::kThreads;
-  static_assert(Cfg::kQInRegs, "the gather loop keeps Q in registers");
+  constexpr int kChunkRows = 32;  // Q is loaded in chunks of 32 rows, each of one head
+  static_assert(BM == 128 && BM % kChunkRows == 0);
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Elem* const sQ = reinterpret_cast<Elem*>(smem_raw);
   Elem* const sK0 = sQ + BM * D;
   Elem* const sV0 = sK0 + 2 * BN * D;
-  int* const sIdx = reinterpret_cast<int*>(sV0 + 2 * BN * D);  // [2][BN] key index, -1: none
-  float* const sU = reinterpret_cast<float*>(sIdx + 2 * BN);   // [2][BN] its score
-  SparseKRow* const sRow = reinterpret_cast<SparseKRow*>(sU + 2 * BN);
+  auto* const sKey = reinterpret_cast<unsigned long long*>(sV0 + 2 * BN * D);  // [2][BN]
+  float* const sD = reinterpret_cast<float*>(sKey + 2 * BN);  // [2][BN] u - u_ref
+  SparseKRow* const sRow = reinterpret_cast<SparseKRow*>(sD + 2 * BN);  // [positions]
 
-  const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / p.group, seg = b * p.heads_kv + hk;
-  const int m0 = qt * BM;
+  const int positions = BM / p.heads;  // query positions per CTA
+  const int qt = blockIdx.x, h0 = blockIdx.y * p.heads, b = blockIdx.z;
+  const int hk = h0 / p.group, seg = b * p.heads_kv + hk;
+  const int m0 = qt * positions;
   const int diag = p.seqlen_k - p.seqlen_q;  // row t sits at absolute position t + diag
-  const int t_last = min(m0 + BM, p.seqlen_q) - 1;
+  const int t_last = min(m0 + positions, p.seqlen_q) - 1;
   const int i_first = m0 + diag, i_last = t_last + diag;
+  auto cand = [&](int t) {  // candidates of position t; 0 past Sq (never stored) and for k = 0
+    const int i = t + diag;
+    return (p.budget == 0 || t >= p.seqlen_q || i < 0) ? 0 : max(0, i - p.window + 1);
+  };
+  auto thr_at = [&](int m) { return static_cast<int64_t>(seg) * (p.seqlen_k + 1) + m; };
 
-  const Elem* qg = p.q + b * p.q_sb + h * p.q_sh;
-  const Elem* kg = p.k + b * p.k_sb + hk * p.k_sh;
-  const Elem* vg = p.v + b * p.v_sb + hk * p.v_sh;
-  const float* ug = p.u + b * p.u_sb + hk * p.u_sh;
-
-  for (int r = threadIdx.x; r < BM; r += kThreads) {
-    const int i = m0 + r + diag;
-    SparseKRow row{i < 0 ? 0 : max(0, i - p.window + 1), -INFINITY, 0, -INFINITY};
-    if (p.budget == 0 || m0 + r >= p.seqlen_q) row.m = 0;  // rows past Sq are never stored
+  // u_ref: a threshold score of the block (the last row's), so gate offsets stay small.
+  const int m_last = cand(t_last);
+  const float u_ref = m_last > p.budget ? p.thr_u[thr_at(m_last)] : 0.f;
+  for (int r = threadIdx.x; r < positions; r += kThreads) {
+    SparseKRow row{0ull, cand(m0 + r), -INFINITY};
     if (row.m > p.budget) {
-      const int64_t o = static_cast<int64_t>(seg) * (p.seqlen_k + 1) + row.m;
-      row.thr_u = p.thr_u[o];
-      row.thr_j = p.thr_j[o];
-      row.tau_rel = p.tau_rel[o];
+      const float thr = p.thr_u[thr_at(row.m)];
+      row.thr_key = sparsek_key(thr, p.thr_j[thr_at(row.m)]);
+      row.b = (thr - u_ref) + p.tau_rel[thr_at(row.m)];
     }
     sRow[r] = row;
   }
+
+  const Elem* kg = p.k + b * p.k_sb + hk * p.k_sh;
+  const Elem* vg = p.v + b * p.v_sb + hk * p.v_sh;
+  const float* ug = p.u + b * p.u_sb + hk * p.u_sh;
 
   const int n_sel = p.budget > 0 ? p.count[static_cast<int64_t>(seg) * p.q_tiles + qt] : 0;
   const int* list = p.list + (static_cast<int64_t>(seg) * p.q_tiles + qt) * p.list_cap;
@@ -132,8 +150,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       for (int c = threadIdx.x; c < BN; c += kThreads) {
         const int slot = nb * BN + c;
         const int j = slot >= n_sel ? -1 : (all_in ? slot : list[slot]);
-        sIdx[st * BN + c] = j;
-        sU[st * BN + c] = j >= 0 ? ug[j * p.u_sj] : 0.f;
+        const float x = j >= 0 ? ug[j * p.u_sj] : 0.f;
+        // An empty slot's index 0xffffffff is past every m: never selected.
+        sKey[st * BN + c] = j >= 0 ? sparsek_key(x, j) : 0xffffffffull;
+        sD[st * BN + c] = x - u_ref;
       }
     } else {
       const int n0 = (win_first + nb - sel_blocks) * BN;
@@ -146,9 +166,16 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   typename Tile::OAcc o;
   typename Tile::RowStat row_m, row_l;
   Tile::init(o, row_m, row_l);
+  // Position (within the block) of this thread's accumulator rows.
+  auto pos_of = [&](int mt, int e) { return Tile::row_of(mt, e) % positions; };
 
   if (n_blocks > 0) {
-    sm80::load_tile_async<BM, D, kThreads>(sQ, qg, p.q_ss, m0, p.seqlen_q);
+    for (int c = 0; c < BM / kChunkRows; ++c) {
+      const int r0 = c * kChunkRows;
+      const int h = h0 + r0 / positions;
+      sm80::load_tile_async<kChunkRows, D, kThreads>(sQ + r0 * D, p.q + b * p.q_sb + h * p.q_sh,
+                                                     p.q_ss, m0 + r0 % positions, p.seqlen_q);
+    }
     load_block(0);
     sm80::cp_async_wait<0>();
     __syncthreads();
@@ -165,49 +192,65 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       Tile::qk(s, qf, sQ, sK0 + st * BN * D);
 
       const bool selected = nb < sel_blocks;
-      const int n0 = selected ? 0 : (win_first + nb - sel_blocks) * BN;
-      // Gate of element (row, column) of a selected block; 0 where the row does not select it.
-      auto gate_of = [&](const SparseKRow& row, int c) {
-        const int j = sIdx[st * BN + c];
-        const float x = sU[st * BN + c];
-        const bool in = j >= 0 && j < row.m &&
-                        (x > row.thr_u || (x == row.thr_u && j >= row.thr_j));
-        return in ? fminf(fmaxf((x - row.thr_u) - row.tau_rel, 0.f), 1.f) : -1.f;
-      };
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = Tile::row_of(mt, e), c = Tile::col_of(nt, e);
-            if (selected) {
-              const float g = gate_of(sRow[r], c);
-              if (g < 0.f) s[mt][nt][e] = -INFINITY;
-              else if (p.gate_logits) s[mt][nt][e] *= g;
-            } else {
-              const int i = m0 + r + diag, j = n0 + c;
-              if (j > i || j <= i - p.window) s[mt][nt][e] = -INFINITY;
-            }
-          }
-
-      Tile::softmax(s, row_m, row_l, o, p.scale_log2);
-      if (selected) {  // value weights: the gate (1 where the gate is off or saturated)
+      if (selected) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int nt = 0; nt < BN / 8; ++nt)
+          for (int r = 0; r < 2; ++r) {
+            const SparseKRow row = sRow[pos_of(mt, 2 * r)];
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              s[mt][nt][e] *= fmaxf(gate_of(sRow[Tile::row_of(mt, e)], Tile::col_of(nt, e)), 0.f);
+            for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int c = st * BN + Tile::col_of(nt, e);
+                const unsigned long long key = sKey[c];
+                const uint32_t j = static_cast<uint32_t>(key);  // empty slot: 0xffffffff
+                float& x = s[mt][nt][2 * r + e];
+                if (key < row.thr_key || j >= static_cast<uint32_t>(row.m)) x = -INFINITY;
+                else if (p.gate_logits) x *= __saturatef(sD[c] - row.b);
+              }
+          }
+      } else {
+        const int n0 = (win_first + nb - sel_blocks) * BN;
+        // Blocks inside every row's window need no mask.
+        if (n0 <= i_last - p.window || n0 + BN - 1 > i_first) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int i = m0 + pos_of(mt, e) + diag, j = n0 + Tile::col_of(nt, e);
+                if (j > i || j <= i - p.window) s[mt][nt][e] = -INFINITY;
+              }
+        }
+      }
+
+      Tile::softmax(s, row_m, row_l, o, p.scale_log2);
+      if (selected) {  // value weights: the gate (already 0 where the row does not select)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float rb = sRow[pos_of(mt, 2 * r)].b;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                s[mt][nt][2 * r + e] *= __saturatef(sD[st * BN + Tile::col_of(nt, e)] - rb);
+          }
       }
       Tile::pv(o, s, sV0 + st * BN * D);
     }
   }
 
-  Tile::store(o, row_m, row_l, sQ, p.out + b * p.o_sb + h * p.o_sh, p.o_ss,
-              p.lse ? p.lse + b * p.lse_sb + h * p.lse_sh : nullptr, p.lse_ss, m0, p.seqlen_q,
-              p.softmax_scale);
+  Tile::store(o, row_m, row_l, sQ, [&](int r) {
+    const int t = m0 + r % positions, h = h0 + r / positions;
+    const bool in = t < p.seqlen_q;
+    return typename Tile::RowDest{
+        in ? p.out + b * p.o_sb + h * p.o_sh + t * p.o_ss : nullptr,
+        p.lse ? p.lse + b * p.lse_sb + h * p.lse_sh + t * p.lse_ss : nullptr};
+  }, p.softmax_scale);
 }
 
 }  // namespace bsk::kernels
