@@ -22,6 +22,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 
@@ -94,16 +95,42 @@ struct SelectParams {
 };
 
 constexpr int kSelectThreads = 256;
-constexpr int kChunk = 256;  // m values per block
+constexpr int kChunk = 128;  // m values per block
+constexpr int kItems = 16;   // consecutive positions per thread in block_compact
+
+using BlockScanInt = cub::BlockScan<int, kSelectThreads>;
+
+// Walks positions [0, n) in tiles of kSelectThreads * kItems (kItems consecutive positions per
+// thread, one block-wide scan per tile rather than per position), calling emit(pos, rank) for
+// every position where keep(pos) holds, rank = the number of kept positions before it. Stops
+// after the tile in which `limit` kept positions are reached; returns how many it kept.
+template <class Keep, class Emit>
+__device__ __forceinline__ int block_compact(int n, int limit, Keep&& keep, Emit&& emit,
+                                             BlockScanInt::TempStorage& tmp) {
+  int seen = 0;
+  for (int base = 0; base < n && seen < limit; base += kSelectThreads * kItems) {
+    const int p0 = base + threadIdx.x * kItems;
+    uint32_t mask = 0;  // bit i: position p0 + i is kept
+#pragma unroll
+    for (int i = 0; i < kItems; ++i)
+      if (p0 + i < n && keep(p0 + i)) mask |= 1u << i;
+    int before, total;
+    BlockScanInt(tmp).ExclusiveSum(__popc(mask), before, total);
+    int r = seen + before;
+    for (uint32_t mm = mask; mm != 0; mm &= mm - 1) emit(p0 + __ffs(mm) - 1, r++);
+    seen += total;
+    __syncthreads();  // tmp is reused by the next tile
+  }
+  return seen;
+}
 
 // One block per (chunk of m values, segment). m runs over [k + 1, m_max]; m <= k needs no
 // selection (every candidate is in, with gate 1).
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectParams p) {
-  using Scan = cub::BlockScan<int, kSelectThreads>;
   using ReduceI = cub::BlockReduce<int, kSelectThreads>;
   using ReduceD = cub::BlockReduce<double, kSelectThreads>;
   __shared__ union {
-    typename Scan::TempStorage scan;
+    BlockScanInt::TempStorage scan;
     typename ReduceI::TempStorage ri;
     typename ReduceD::TempStorage rd;
   } tmp;
@@ -120,18 +147,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectPara
   const int tid = threadIdx.x;
 
   // Position of the k-th active key (j < m_begin) in sorted order.
-  if (tid == 0) s_pos = -1;
-  int seen = 0;
-  for (int base = 0; base < p.n; base += kSelectThreads) {
-    const int pos = base + tid;
-    const int active = pos < p.n && sj[pos] < m_begin;
-    int before, total;
-    Scan(tmp.scan).ExclusiveSum(active, before, total);
-    if (active && seen + before + 1 == p.k) s_pos = pos;
-    __syncthreads();
-    seen += total;
-    if (seen >= p.k) break;
-  }
+  block_compact(p.n, p.k, [&](int pos) { return sj[pos] < m_begin; },
+                [&](int pos, int r) { if (r == p.k - 1) s_pos = pos; }, tmp.scan);
   int ck = s_pos;  // exists: m_begin > k keys are active
 
   // Band edges at tau = thr - 1 (f(thr - 1) >= k): pa = first position with u < thr (saturated
@@ -241,8 +258,7 @@ __host__ __device__ __forceinline__ int candidates_of_row(int t, int seqlen_q, i
 // threshold only rises, so nothing else can be selected in the block). Per-row masks in the
 // attention kernel take it from there.
 __global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p) {
-  using Scan = cub::BlockScan<int, kSelectThreads>;
-  __shared__ typename Scan::TempStorage tmp;
+  __shared__ BlockScanInt::TempStorage tmp;
   const int qt = blockIdx.x, seg = blockIdx.y, tid = threadIdx.x;
   const int t0 = qt * p.block_m, t1 = min(t0 + p.block_m, p.seqlen_q);
   const int m_first = candidates_of_row(t0, p.seqlen_q, p.n, p.w);
@@ -257,29 +273,17 @@ __global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p
     const int tj = p.thr_j[o];
     const int64_t so = static_cast<int64_t>(seg) * p.n;
     const int last = p.rank[so + tj];
-    for (int base = 0; base <= last; base += kSelectThreads) {
-      const int pos = base + tid;
-      const int j = pos <= last ? p.sorted_j[so + pos] : p.n;
-      const int keep = j < m_first;
-      int before, total;
-      Scan(tmp).ExclusiveSum(keep, before, total);
-      __syncthreads();
-      if (keep) out[written + before] = j;
-      written += total;
-    }
-    for (int base = m_first; base < m_last; base += kSelectThreads) {
-      const int j = base + tid;
-      int keep = 0;
-      if (j < m_last) {
-        const float x = p.scores.at(seg, j);
-        keep = x > tu || (x == tu && j >= tj);
-      }
-      int before, total;
-      Scan(tmp).ExclusiveSum(keep, before, total);
-      __syncthreads();
-      if (keep) out[written + before] = j;
-      written += total;
-    }
+    const int* sj = p.sorted_j + so;
+    written = block_compact(last + 1, INT_MAX, [&](int pos) { return sj[pos] < m_first; },
+                            [&](int pos, int r) { out[r] = sj[pos]; }, tmp);
+    int* out_new = out + written;
+    written += block_compact(
+        m_last - m_first, INT_MAX,
+        [&](int x) {
+          const float u = p.scores.at(seg, m_first + x);
+          return u > tu || (u == tu && m_first + x >= tj);
+        },
+        [&](int x, int r) { out_new[r] = m_first + x; }, tmp);
   }
   if (tid == 0) p.count[static_cast<int64_t>(seg) * p.q_tiles + qt] = written;
 }
