@@ -12,17 +12,9 @@
 
 namespace bsk::detail {
 
-template <class Cfg>
-void launch_dense_fwd_sm80(const DenseFwdArgs& a, cudaStream_t stream) {
-  using Elem = typename Cfg::Elem;
-  auto* kernel = kernels::dense_fwd_sm80_kernel<Cfg>;
-  // Raising the dynamic shared-memory limit on every launch, as FlashAttention does, costs
-  // about a microsecond and stays right when several translation units hold copies of one kernel
-  // (no -rdc), which a "done once" flag did not.
-  if constexpr (Cfg::kSmemBytes > 48 * 1024)
-    BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Cfg::kSmemBytes));
-
+// The kernel-side view of validated arguments (shared with the SparseK launch).
+template <typename Elem>
+kernels::DenseFwdParams<Elem> make_dense_params(const DenseFwdArgs& a) {
   kernels::DenseFwdParams<Elem> p{};
   p.q = static_cast<const Elem*>(a.q);
   p.k = static_cast<const Elem*>(a.k);
@@ -41,6 +33,22 @@ void launch_dense_fwd_sm80(const DenseFwdArgs& a, cudaStream_t stream) {
   p.softmax_scale = a.softmax_scale;
   p.scale_log2 = static_cast<float>(a.softmax_scale * 1.4426950408889634);
   p.causal = a.causal;
+  return p;
+
+}
+
+template <class Cfg>
+void launch_dense_fwd_sm80(const DenseFwdArgs& a, cudaStream_t stream) {
+  using Elem = typename Cfg::Elem;
+  auto* kernel = kernels::dense_fwd_sm80_kernel<Cfg>;
+  // Raising the dynamic shared-memory limit on every launch, as FlashAttention does, costs
+  // about a microsecond and stays right when several translation units hold copies of one kernel
+  // (no -rdc), which a "done once" flag did not.
+  if constexpr (Cfg::kSmemBytes > 48 * 1024)
+    BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Cfg::kSmemBytes));
+
+  const kernels::DenseFwdParams<Elem> p = make_dense_params<Elem>(a);
 
   const dim3 grid((a.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, a.heads_q, a.batch);
   // grid.y, grid.z <= 65535: checked by the front door's validation.

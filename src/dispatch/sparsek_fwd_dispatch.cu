@@ -10,7 +10,7 @@
 #include "bsk/error.h"
 #include "common/cuda_check.h"
 #include "dispatch/sparsek_fwd.h"
-#include "kernels/dense_fwd_sm80.cuh"
+#include "dispatch/dense_fwd_launch.cuh"
 #include "kernels/sparsek_fwd_sm80.cuh"
 #include "kernels/sparsek_select.cuh"
 
@@ -178,16 +178,7 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
   }
 
   kernels::SparseKFwdParams<Elem> p{};
-  p.q = static_cast<const Elem*>(d.q);
-  p.k = static_cast<const Elem*>(d.k);
-  p.v = static_cast<const Elem*>(d.v);
-  p.out = static_cast<Elem*>(d.out);
-  p.lse = d.lse;
-  p.q_sb = d.q_stride[0], p.q_ss = d.q_stride[1], p.q_sh = d.q_stride[2];
-  p.k_sb = d.k_stride[0], p.k_ss = d.k_stride[1], p.k_sh = d.k_stride[2];
-  p.v_sb = d.v_stride[0], p.v_ss = d.v_stride[1], p.v_sh = d.v_stride[2];
-  p.o_sb = d.out_stride[0], p.o_ss = d.out_stride[1], p.o_sh = d.out_stride[2];
-  p.lse_sb = d.lse_stride[0], p.lse_sh = d.lse_stride[1], p.lse_ss = d.lse_stride[2];
+  p.attn = make_dense_params<Elem>(d);
   p.u = a.u;
   p.u_sb = a.u_stride[0], p.u_sh = a.u_stride[1], p.u_sj = a.u_stride[2];
   p.thr_u = select ? ws.at<float>(o_thr_u) : nullptr;
@@ -197,16 +188,11 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
   p.count = a.budget > 0 ? ws.at<int>(o_count) : nullptr;
   p.list_cap = list_cap;
   p.q_tiles = q_tiles;
-  p.seqlen_q = d.seqlen_q;
-  p.seqlen_k = n;
   p.heads_kv = d.heads_kv;
-  p.group = group;
   p.heads = heads;
   p.budget = a.budget;
   p.window = a.window;
   p.gate_logits = a.gate == Gate::kKeyValue;
-  p.softmax_scale = d.softmax_scale;
-  p.scale_log2 = static_cast<float>(d.softmax_scale * 1.4426950408889634);
 
   switch (d.head_dim) {
     case 64: return launch_attention<SparseKSm80Config<Elem, 64>>(a, p, stream);

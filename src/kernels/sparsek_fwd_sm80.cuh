@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/dense_fwd_sm80.cuh"
 #include "kernels/sm80_attention_tile.cuh"
 #include "kernels/sparsek_select.cuh"
 
@@ -27,16 +28,7 @@ namespace bsk::kernels {
 
 template <typename Elem>
 struct SparseKFwdParams {
-  const Elem* q;
-  const Elem* k;
-  const Elem* v;
-  Elem* out;
-  float* lse;
-  int64_t q_sb, q_ss, q_sh;
-  int64_t k_sb, k_ss, k_sh;
-  int64_t v_sb, v_ss, v_sh;
-  int64_t o_sb, o_ss, o_sh;
-  int64_t lse_sb, lse_sh, lse_ss;
+  DenseFwdParams<Elem> attn;  // q, k, v, out, lse, strides, lengths, group, scale (causal)
   const float* u;  // [B, Hkv, Skv]
   int64_t u_sb, u_sh, u_sj;
   const float* thr_u;  // [B*Hkv, Skv + 1] by candidate count m (m > budget only)
@@ -46,10 +38,9 @@ struct SparseKFwdParams {
   const int* count;  // [B*Hkv, q_tiles]
   int list_cap, q_tiles;
   int heads;         // query heads per CTA (1, 2 or 4; divides Hq / Hkv)
-  int seqlen_q, seqlen_k, heads_kv, group;
+  int heads_kv;
   int budget, window;
   bool gate_logits;  // "key_value"
-  float softmax_scale, scale_log2;
 };
 
 // Per query position of the block: candidates m, the threshold key (order code << 32 | j; 0 lets
@@ -93,16 +84,16 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
   const int positions = BM / p.heads;  // query positions per CTA
   const int qt = blockIdx.x, h0 = blockIdx.y * p.heads, b = blockIdx.z;
-  const int hk = h0 / p.group, seg = b * p.heads_kv + hk;
+  const int hk = h0 / p.attn.group, seg = b * p.heads_kv + hk;
   const int m0 = qt * positions;
-  const int diag = p.seqlen_k - p.seqlen_q;  // row t sits at absolute position t + diag
-  const int t_last = min(m0 + positions, p.seqlen_q) - 1;
+  const int diag = p.attn.seqlen_k - p.attn.seqlen_q;  // row t sits at absolute position t + diag
+  const int t_last = min(m0 + positions, p.attn.seqlen_q) - 1;
   const int i_first = m0 + diag, i_last = t_last + diag;
   auto cand = [&](int t) {  // candidates of position t; 0 past Sq (never stored) and for k = 0
     const int i = t + diag;
-    return (p.budget == 0 || t >= p.seqlen_q || i < 0) ? 0 : max(0, i - p.window + 1);
+    return (p.budget == 0 || t >= p.attn.seqlen_q || i < 0) ? 0 : max(0, i - p.window + 1);
   };
-  auto thr_at = [&](int m) { return static_cast<int64_t>(seg) * (p.seqlen_k + 1) + m; };
+  auto thr_at = [&](int m) { return static_cast<int64_t>(seg) * (p.attn.seqlen_k + 1) + m; };
 
   // u_ref: a threshold score of the block (the last row's), so gate offsets stay small.
   const int m_last = cand(t_last);
@@ -117,8 +108,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     sRow[r] = row;
   }
 
-  const Elem* kg = p.k + b * p.k_sb + hk * p.k_sh;
-  const Elem* vg = p.v + b * p.v_sb + hk * p.v_sh;
+  const Elem* kg = p.attn.k + b * p.attn.k_sb + hk * p.attn.k_sh;
+  const Elem* vg = p.attn.v + b * p.attn.v_sb + hk * p.attn.v_sh;
   const float* ug = p.u + b * p.u_sb + hk * p.u_sh;
 
   const int n_sel = p.budget > 0 ? p.count[static_cast<int64_t>(seg) * p.q_tiles + qt] : 0;
@@ -141,11 +132,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     Elem* const sV = sV0 + st * BN * D;
     if (nb < sel_blocks) {
       if (all_in) {
-        sm80::load_tile_async<BN, D, kThreads>(sK, kg, p.k_ss, nb * BN, n_sel);
-        sm80::load_tile_async<BN, D, kThreads>(sV, vg, p.v_ss, nb * BN, n_sel);
+        sm80::load_tile_async<BN, D, kThreads>(sK, kg, p.attn.k_ss, nb * BN, n_sel);
+        sm80::load_tile_async<BN, D, kThreads>(sV, vg, p.attn.v_ss, nb * BN, n_sel);
       } else {
-        sm80::gather_tile_async<BN, D, kThreads>(sK, kg, p.k_ss, list, nb * BN, n_sel);
-        sm80::gather_tile_async<BN, D, kThreads>(sV, vg, p.v_ss, list, nb * BN, n_sel);
+        sm80::gather_tile_async<BN, D, kThreads>(sK, kg, p.attn.k_ss, list, nb * BN, n_sel);
+        sm80::gather_tile_async<BN, D, kThreads>(sV, vg, p.attn.v_ss, list, nb * BN, n_sel);
       }
       for (int c = threadIdx.x; c < BN; c += kThreads) {
         const int slot = nb * BN + c;
@@ -157,8 +148,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       }
     } else {
       const int n0 = (win_first + nb - sel_blocks) * BN;
-      sm80::load_tile_async<BN, D, kThreads>(sK, kg, p.k_ss, n0, p.seqlen_k);
-      sm80::load_tile_async<BN, D, kThreads>(sV, vg, p.v_ss, n0, p.seqlen_k);
+      sm80::load_tile_async<BN, D, kThreads>(sK, kg, p.attn.k_ss, n0, p.attn.seqlen_k);
+      sm80::load_tile_async<BN, D, kThreads>(sV, vg, p.attn.v_ss, n0, p.attn.seqlen_k);
     }
     sm80::cp_async_commit();
   };
@@ -173,8 +164,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     for (int c = 0; c < BM / kChunkRows; ++c) {
       const int r0 = c * kChunkRows;
       const int h = h0 + r0 / positions;
-      sm80::load_tile_async<kChunkRows, D, kThreads>(sQ + r0 * D, p.q + b * p.q_sb + h * p.q_sh,
-                                                     p.q_ss, m0 + r0 % positions, p.seqlen_q);
+      sm80::load_tile_async<kChunkRows, D, kThreads>(sQ + r0 * D, p.attn.q + b * p.attn.q_sb + h * p.attn.q_sh,
+                                                     p.attn.q_ss, m0 + r0 % positions, p.attn.seqlen_q);
     }
     load_block(0);
     sm80::cp_async_wait<0>();
@@ -226,7 +217,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         }
       }
 
-      Tile::softmax(s, row_m, row_l, o, p.scale_log2);
+      Tile::softmax(s, row_m, row_l, o, p.attn.scale_log2);
       if (selected) {  // value weights: the gate (already 0 where the row does not select)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -246,11 +237,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
   Tile::store(o, row_m, row_l, sQ, [&](int r) {
     const int t = m0 + r % positions, h = h0 + r / positions;
-    const bool in = t < p.seqlen_q;
+    const bool in = t < p.attn.seqlen_q;
     return typename Tile::RowDest{
-        in ? p.out + b * p.o_sb + h * p.o_sh + t * p.o_ss : nullptr,
-        p.lse ? p.lse + b * p.lse_sb + h * p.lse_sh + t * p.lse_ss : nullptr};
-  }, p.softmax_scale);
+        in ? p.attn.out + b * p.attn.o_sb + h * p.attn.o_sh + t * p.attn.o_ss : nullptr,
+        p.attn.lse ? p.attn.lse + b * p.attn.lse_sb + h * p.attn.lse_sh + t * p.attn.lse_ss : nullptr};
+  }, p.attn.softmax_scale);
 }
 
 }  // namespace bsk::kernels

@@ -81,6 +81,27 @@ inline TensorView device_view(HostTensor& h, const DeviceBuffer& d) {
   return t;
 }
 
+// Runs call(out_view, lse_view) on poisoned (NaN) device copies of out and lse, synchronizes,
+// checks for CUDA errors and copies both back.
+template <class Call>
+void run_poisoned(const std::string& name, HostTensor& out, HostTensor& lse, Call&& call) {
+  DeviceBuffer dout, dlse;
+  ASSERT_NO_FATAL_FAILURE(alloc(dout, out.bytes()));
+  ASSERT_NO_FATAL_FAILURE(alloc(dlse, lse.bytes()));
+  ASSERT_NO_FATAL_FAILURE(poison(dout));
+  ASSERT_NO_FATAL_FAILURE(poison(dlse));
+  ASSERT_EQ(cudaSuccess, cudaDeviceSynchronize());
+  try {
+    call(device_view(out, dout), device_view(lse, dlse));
+  } catch (const std::exception& e) {
+    FAIL() << name << ": threw: " << e.what();
+  }
+  ASSERT_EQ(cudaSuccess, cudaGetLastError());
+  ASSERT_EQ(cudaSuccess, cudaDeviceSynchronize());
+  ASSERT_NO_FATAL_FAILURE(download(out, dout));
+  ASSERT_NO_FATAL_FAILURE(download(lse, dlse));
+}
+
 // Accuracy against the float64 reference (see test_dense_gpu.cpp for the bound): no NaN or
 // unwritten (poisoned) element, rows without keys exactly 0, relative error within twice what
 // rounding the reference to the dtype costs plus a floor, lse within 1e-3.

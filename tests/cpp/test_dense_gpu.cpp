@@ -55,27 +55,13 @@ HostTensor make_t(const GpuCase& c, int64_t S, int64_t H) {
   return c.bhsd ? make_bhsd_as_bshd(c.dt, c.B, S, H, c.D) : HostTensor(c.dt, {c.B, S, H, c.D});
 }
 
-// One launch: poisoned out/lse, run, synchronize, copy back.
+// One launch on poisoned out/lse.
 void run_gpu(const GpuCase& c, HostTensor& q, HostTensor& k, HostTensor& v, DeviceBuffer& dq,
              DeviceBuffer& dk, DeviceBuffer& dv, HostTensor& out, HostTensor& lse,
              const bsk::AttentionParams& p) {
-  DeviceBuffer dout, dlse;
-  ASSERT_NO_FATAL_FAILURE(alloc(dout, out.bytes()));
-  ASSERT_NO_FATAL_FAILURE(alloc(dlse, lse.bytes()));
-  ASSERT_NO_FATAL_FAILURE(poison(dout));
-  ASSERT_NO_FATAL_FAILURE(poison(dlse));
-  ASSERT_EQ(cudaSuccess, cudaDeviceSynchronize());
-  const TensorView lv = device_view(lse, dlse);
-  try {
-    bsk::attention_forward(device_view(q, dq), device_view(k, dk), device_view(v, dv),
-                           device_view(out, dout), &lv, p);
-  } catch (const std::exception& e) {
-    FAIL() << c.name << ": attention_forward threw: " << e.what();
-  }
-  ASSERT_EQ(cudaSuccess, cudaGetLastError());
-  ASSERT_EQ(cudaSuccess, cudaDeviceSynchronize());
-  ASSERT_NO_FATAL_FAILURE(download(out, dout));
-  ASSERT_NO_FATAL_FAILURE(download(lse, dlse));
+  run_poisoned(c.name, out, lse, [&](const TensorView& ov, const TensorView& lv) {
+    bsk::attention_forward(device_view(q, dq), device_view(k, dk), device_view(v, dv), ov, &lv, p);
+  });
 }
 
 void check_case(const GpuCase& c) {

@@ -51,23 +51,10 @@ HostTensor make_t(const SparseKCase& c, int64_t S, int64_t H) {
 void run_gpu(const SparseKCase& c, HostTensor& q, HostTensor& k, HostTensor& v, HostTensor& u,
              DeviceBuffer& dq, DeviceBuffer& dk, DeviceBuffer& dv, DeviceBuffer& du,
              HostTensor& out, HostTensor& lse, const bsk::SparseKParams& p) {
-  DeviceBuffer dout, dlse;
-  ASSERT_NO_FATAL_FAILURE(alloc(dout, out.bytes()));
-  ASSERT_NO_FATAL_FAILURE(alloc(dlse, lse.bytes()));
-  ASSERT_NO_FATAL_FAILURE(poison(dout));
-  ASSERT_NO_FATAL_FAILURE(poison(dlse));
-  ASSERT_EQ(cudaSuccess, cudaDeviceSynchronize());
-  const TensorView lv = device_view(lse, dlse);
-  try {
+  run_poisoned(c.name, out, lse, [&](const TensorView& ov, const TensorView& lv) {
     bsk::sparsek_attention_forward(device_view(q, dq), device_view(k, dk), device_view(v, dv),
-                                   device_view(u, du), device_view(out, dout), &lv, p);
-  } catch (const std::exception& e) {
-    FAIL() << c.name << ": sparsek_attention_forward threw: " << e.what();
-  }
-  ASSERT_EQ(cudaSuccess, cudaGetLastError());
-  ASSERT_EQ(cudaSuccess, cudaDeviceSynchronize());
-  ASSERT_NO_FATAL_FAILURE(download(out, dout));
-  ASSERT_NO_FATAL_FAILURE(download(lse, dlse));
+                                   device_view(u, du), ov, &lv, p);
+  });
 }
 
 void check_case(const SparseKCase& c) {
