@@ -65,7 +65,9 @@ void launch_attention(const SparseKFwdArgs& a, const kernels::SparseKFwdParams<t
   constexpr int kSmem = kernels::SparseKSmem<Cfg>::kBytes;
   if constexpr (kSmem > 48 * 1024)
     BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-  const dim3 grid(p.q_tiles, a.attn.heads_q / p.heads, a.attn.batch);
+  const int positions = 128 / p.heads;
+  const dim3 grid((a.attn.seqlen_q + positions - 1) / positions, a.attn.heads_q / p.heads,
+                  a.attn.batch);
   kernel<<<grid, Cfg::kThreads, kSmem, stream>>>(p);
   BSK_CUDA_CHECK_LAUNCH();
 }
@@ -76,11 +78,10 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
   const int n = d.seqlen_k, nseg = d.batch * d.heads_kv;
   const int group = d.heads_q / d.heads_kv;
   const int heads = group % 4 == 0 ? 4 : (group % 2 == 0 ? 2 : 1);  // query heads per CTA
-  const int positions = 128 / heads;                                 // query rows per head
-  const int q_tiles = (d.seqlen_q + positions - 1) / positions;
   const int m_max = sk::candidates_of_row(d.seqlen_q - 1, d.seqlen_q, n, a.window);
   const bool select = a.budget > 0 && m_max > a.budget;
-  const int list_cap = std::min(a.budget, n) + positions;
+  const int list_tiles = (d.seqlen_q + sk::kListRows - 1) / sk::kListRows;
+  const int list_cap = std::min(a.budget, n) + sk::kListRows;
   const int64_t items = static_cast<int64_t>(nseg) * n;
 
   Workspace ws(stream);
@@ -101,14 +102,14 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
     o_thr_u = ws.reserve(thr_items * sizeof(float));
     o_thr_j = ws.reserve(thr_items * sizeof(int));
     o_tau = ws.reserve(thr_items * sizeof(float));
-    o_list = ws.reserve(static_cast<int64_t>(nseg) * q_tiles * list_cap * sizeof(int));
+    o_list = ws.reserve(static_cast<int64_t>(nseg) * list_tiles * list_cap * sizeof(int));
     BSK_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(
         nullptr, cub_bytes, static_cast<unsigned long long*>(nullptr),
         static_cast<unsigned long long*>(nullptr), static_cast<int*>(nullptr),
         static_cast<int*>(nullptr), static_cast<int>(items), 0, end_bit, stream));
     o_cub = ws.reserve(cub_bytes);
   }
-  if (a.budget > 0) o_count = ws.reserve(static_cast<int64_t>(nseg) * q_tiles * sizeof(int));
+  if (a.budget > 0) o_count = ws.reserve(static_cast<int64_t>(nseg) * list_tiles * sizeof(int));
   ws.allocate();
 
   // Scores must be finite: checked on the device, then one synchronization to raise the error.
@@ -152,7 +153,7 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
     sp.k = a.budget;
     sp.m_max = m_max;
     sp.soft = a.gate != Gate::kNone;
-    const dim3 grid((m_max - a.budget + sk::kChunk - 1) / sk::kChunk, nseg);
+    const dim3 grid(sk::ChunkPlan(n, a.budget, m_max).count(), nseg);
     sk::select_kernel<<<grid, sk::kSelectThreads, 0, stream>>>(sp);
     BSK_CUDA_CHECK_LAUNCH();
   }
@@ -171,9 +172,9 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
     lp.seqlen_q = d.seqlen_q;
     lp.k = a.budget;
     lp.w = a.window;
-    lp.block_m = positions;
-    lp.q_tiles = q_tiles;
-    sk::list_kernel<<<dim3(q_tiles, nseg), sk::kSelectThreads, 0, stream>>>(lp);
+    lp.block_m = sk::kListRows;
+    lp.q_tiles = list_tiles;
+    sk::list_kernel<<<dim3(list_tiles, nseg), sk::kSelectThreads, 0, stream>>>(lp);
     BSK_CUDA_CHECK_LAUNCH();
   }
 
@@ -187,7 +188,7 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
   p.list = select ? ws.at<int>(o_list) : nullptr;
   p.count = a.budget > 0 ? ws.at<int>(o_count) : nullptr;
   p.list_cap = list_cap;
-  p.q_tiles = q_tiles;
+  p.list_tiles = list_tiles;
   p.heads_kv = d.heads_kv;
   p.heads = heads;
   p.budget = a.budget;

@@ -34,9 +34,9 @@ struct SparseKFwdParams {
   const float* thr_u;  // [B*Hkv, Skv + 1] by candidate count m (m > budget only)
   const int* thr_j;
   const float* tau_rel;
-  const int* list;   // [B*Hkv, q_tiles, list_cap]
-  const int* count;  // [B*Hkv, q_tiles]
-  int list_cap, q_tiles;
+  const int* list;   // [B*Hkv, list_tiles, list_cap]: per kListRows query positions
+  const int* count;  // [B*Hkv, list_tiles]
+  int list_cap, list_tiles;
   int heads;         // query heads per CTA (1, 2 or 4; divides Hq / Hkv)
   int heads_kv;
   int budget, window;
@@ -112,11 +112,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const Elem* vg = p.attn.v + b * p.attn.v_sb + hk * p.attn.v_sh;
   const float* ug = p.u + b * p.u_sb + hk * p.u_sh;
 
-  const int n_sel = p.budget > 0 ? p.count[static_cast<int64_t>(seg) * p.q_tiles + qt] : 0;
-  const int* list = p.list + (static_cast<int64_t>(seg) * p.q_tiles + qt) * p.list_cap;
-  // Where the first row has at most `budget` candidates, every candidate of the block is in:
-  // the selected keys are the contiguous range [0, n_sel) and need no list.
-  const bool all_in = i_first - p.window + 1 <= p.budget;
+  // The key list of the kListRows positions this block lies in (a superset of its own).
+  const int lt = m0 / sparsek::kListRows;
+  const int64_t li = static_cast<int64_t>(seg) * p.list_tiles + lt;
+  const int n_sel = p.budget > 0 ? p.count[li] : 0;
+  const int* list = p.list + li * p.list_cap;
+  // Where the list's first row has at most `budget` candidates, every candidate is in: the
+  // selected keys are the contiguous range [0, n_sel) and there is no list.
+  const bool all_in = lt * sparsek::kListRows + diag - p.window + 1 <= p.budget;
   const int sel_blocks = (n_sel + BN - 1) / BN;
   int win_first = 0, win_blocks = 0;
   if (p.window > 0 && i_last >= 0) {

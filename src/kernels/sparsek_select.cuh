@@ -8,8 +8,8 @@
 // sorted order (the spec: tau is non-decreasing). So one thread can walk consecutive m with three
 // cursors into the sorted array that only move up: the threshold position, and the two edges of
 // tau's band (u >= tau + 1: gate 1; tau < u < tau + 1: fractional). The m range is cut into
-// chunks of kChunk values; a block sets up its chunk's first state exactly by a parallel scan
-// of the sorted array, then one thread walks the chunk.
+// chunks (ChunkPlan); a block sets up its chunk's first state exactly by a parallel scan of the
+// sorted array, then one thread walks the chunk.
 //
 // tau comes from the spec's closed form on the band: with U = #{u >= tau + 1} and W = #{u > tau}
 // among the active keys, f(tau) = U + sum_band (u - tau) is linear between breakpoints (u and
@@ -95,9 +95,42 @@ struct SelectParams {
 };
 
 constexpr int kSelectThreads = 256;
-constexpr int kChunk = 128;  // m values per block
-constexpr int kItems = 16;   // consecutive positions per thread in block_compact
+constexpr int kItems = 16;  // consecutive positions per thread in block_compact
 
+// How the candidate counts m in [k + 1, m_max] are cut into chunks, one per block. With random
+// scores the cursors travel about n * k / m^2 sorted positions per step of m, so the walk is
+// slowest for small m: there chunks hold about kTravel positions of travel (uniform steps of
+// -n * k / m), later ones kLateChunk values of m.
+struct ChunkPlan {
+  static constexpr int kTravel = 512, kLateChunk = 256;
+  double a, y0;  // n * k, a / (k + 1)
+  int k, m_max, c1, m_star;
+
+  __host__ __device__ ChunkPlan(int n, int k_, int m_max_) : k(k_), m_max(m_max_) {
+    a = static_cast<double>(n) * k;
+    y0 = a / (k + 1);
+    // Past m_star a travel-bounded chunk would be longer than kLateChunk.
+    const double ms = sqrt(kLateChunk * a / kTravel);
+    m_star = ms > m_max + 1 ? m_max + 1 : (ms < k + 1 ? k + 1 : static_cast<int>(ms));
+    c1 = static_cast<int>(ceil((y0 - a / m_star) / kTravel));
+  }
+  // First m of chunk c (chunk c is [begin(c), begin(c + 1))).
+  __host__ __device__ int begin(int c) const {
+    long long m;
+    if (c < c1) {
+      m = c == 0 ? k + 1 : static_cast<long long>(a / (y0 - static_cast<double>(c) * kTravel));
+      if (m > m_star) m = m_star;
+    } else {
+      m = m_star + static_cast<long long>(c - c1) * kLateChunk;
+    }
+    return static_cast<int>(m < m_max + 1 ? m : m_max + 1);
+  }
+  int count() const {  // host: chunks needed (one spare against rounding)
+    int c = 0;
+    while (begin(c) <= m_max) ++c;
+    return c + 1;
+  }
+};
 using BlockScanInt = cub::BlockScan<int, kSelectThreads>;
 
 // Walks positions [0, n) in tiles of kSelectThreads * kItems (kItems consecutive positions per
@@ -137,8 +170,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectPara
   __shared__ int s_pos;
 
   const int seg = blockIdx.y;
-  const int m_begin = p.k + 1 + blockIdx.x * kChunk;
-  const int m_end = min(m_begin + kChunk, p.m_max + 1);
+  const ChunkPlan plan(p.n, p.k, p.m_max);
+  const int m_begin = plan.begin(blockIdx.x);
+  const int m_end = max(m_begin, plan.begin(blockIdx.x + 1));
   if (m_begin >= m_end) return;
   const float* su = p.sorted_u + static_cast<int64_t>(seg) * p.n;
   const int* sj = p.sorted_j + static_cast<int64_t>(seg) * p.n;
@@ -234,6 +268,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectPara
     }
   }
 }
+
+// Query positions per key list: lists are built once per kListRows positions and shared by the
+// attention blocks inside (fewer list builds; a block filters the few extra keys by its masks).
+constexpr int kListRows = 128;
 
 struct ListParams {
   const float* sorted_u;
