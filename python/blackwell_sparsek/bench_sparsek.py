@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .bench import capture_env, gpu_slug, gpu_warmup, rel_err, time_calls, _cmd
 
 B, HQ, HKV, D, K, W, BLK = 1, 32, 8, 128, 2048, 1024, 128
-SELECT_KERNELS = ("encode_scores", "RadixSort", "finish_sort", "select_kernel", "list_kernel")
+SELECT_KERNELS = ("encode_scores", "RadixSort", "finish_sort", "select_init", "select_walk", "list_kernel")
 
 
 def flops(S, k=K, w=W):

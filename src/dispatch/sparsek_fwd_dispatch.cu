@@ -87,7 +87,8 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
   Workspace ws(stream);
   const size_t o_bad = ws.reserve(sizeof(unsigned long long));
   size_t o_keys_in = 0, o_keys_out = 0, o_vals_in = 0, o_sorted_j = 0, o_sorted_u = 0, o_rank = 0,
-         o_thr_u = 0, o_thr_j = 0, o_tau = 0, o_list = 0, o_count = 0, o_cub = 0;
+         o_thr_u = 0, o_thr_j = 0, o_tau = 0, o_states = 0, o_list = 0, o_count = 0, o_cub = 0;
+  const int chunks = select ? sk::ChunkPlan(n, a.budget, m_max).count() : 0;
   size_t cub_bytes = 0;
   int end_bit = 32;
   while (end_bit < 64 && (int64_t{1} << (end_bit - 32)) < nseg) ++end_bit;
@@ -102,6 +103,7 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
     o_thr_u = ws.reserve(thr_items * sizeof(float));
     o_thr_j = ws.reserve(thr_items * sizeof(int));
     o_tau = ws.reserve(thr_items * sizeof(float));
+    o_states = ws.reserve(static_cast<int64_t>(nseg) * chunks * sizeof(sk::ChunkState));
     o_list = ws.reserve(static_cast<int64_t>(nseg) * list_tiles * list_cap * sizeof(int));
     BSK_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(
         nullptr, cub_bytes, static_cast<unsigned long long*>(nullptr),
@@ -153,8 +155,12 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
     sp.k = a.budget;
     sp.m_max = m_max;
     sp.soft = a.gate != Gate::kNone;
-    const dim3 grid(sk::ChunkPlan(n, a.budget, m_max).count(), nseg);
-    sk::select_kernel<<<grid, sk::kSelectThreads, 0, stream>>>(sp);
+    sp.segments = nseg;
+    const dim3 grid(chunks, nseg);
+    sk::select_init_kernel<<<grid, sk::kSelectThreads, 0, stream>>>(sp, ws.at<sk::ChunkState>(o_states));
+    BSK_CUDA_CHECK_LAUNCH();
+    sk::select_walk_kernel<<<(chunks * nseg + 63) / 64, 64, 0, stream>>>(
+        sp, ws.at<sk::ChunkState>(o_states), chunks);
     BSK_CUDA_CHECK_LAUNCH();
   }
   if (a.budget > 0) {

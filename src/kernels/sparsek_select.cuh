@@ -89,6 +89,7 @@ struct SelectParams {
   int* thr_j;
   float* tau_rel;         // gate = clip((u - thr_u) - tau_rel, 0, 1); -inf: every gate 1
   int n;                  // Skv
+  int segments;           // B * Hkv
   int k;                  // budget, >= 1
   int m_max;              // largest m any query row has
   bool soft;              // gates key_value / value (tau needed)
@@ -157,9 +158,19 @@ __device__ __forceinline__ int block_compact(int n, int limit, Keep&& keep, Emit
   return seen;
 }
 
-// One block per (chunk of m values, segment). m runs over [k + 1, m_max]; m <= k needs no
-// selection (every candidate is in, with gate 1).
-__global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectParams p) {
+// The walk's state at the first m of a chunk, found by select_init_kernel.
+struct ChunkState {
+  double ref;    // the anchor: the threshold score at m_begin; values below are relative to it
+  double band;   // sum over active keys in the band of (u - ref)
+  long long U, W;
+  int ck, pa, pe;  // threshold position; first positions with u < tau + 1 and with u <= tau
+  int m_begin, m_end;
+};
+
+// One block per (chunk of m values, segment), m in [k + 1, m_max] (m <= k needs no selection:
+// every candidate is in, with gate 1): the chunk's first state, exactly, by parallel scans.
+__global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const SelectParams p,
+                                                                     ChunkState* states) {
   using ReduceI = cub::BlockReduce<int, kSelectThreads>;
   using ReduceD = cub::BlockReduce<double, kSelectThreads>;
   __shared__ union {
@@ -171,57 +182,78 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectPara
 
   const int seg = blockIdx.y;
   const ChunkPlan plan(p.n, p.k, p.m_max);
-  const int m_begin = plan.begin(blockIdx.x);
-  const int m_end = max(m_begin, plan.begin(blockIdx.x + 1));
-  if (m_begin >= m_end) return;
+  ChunkState st{};
+  st.m_begin = plan.begin(blockIdx.x);
+  st.m_end = max(st.m_begin, plan.begin(blockIdx.x + 1));
+  ChunkState* out = states + static_cast<int64_t>(seg) * gridDim.x + blockIdx.x;
+  if (st.m_begin >= st.m_end) {
+    if (threadIdx.x == 0) *out = st;
+    return;
+  }
+  const float* su = p.sorted_u + static_cast<int64_t>(seg) * p.n;
+  const int* sj = p.sorted_j + static_cast<int64_t>(seg) * p.n;
+  const int m = st.m_begin;
+
+  // Position of the k-th active key (j < m) in sorted order.
+  block_compact(p.n, p.k, [&](int pos) { return sj[pos] < m; },
+                [&](int pos, int r) { if (r == p.k - 1) s_pos = pos; }, tmp.scan);
+  st.ck = s_pos;  // exists: m > k keys are active
+  st.ref = su[st.ck];
+
+  // Band edges at tau = thr - 1 (f(thr - 1) >= k): pa = first position with u < thr (saturated
+  // above), pe = first with u <= thr - 1; then U, W and the band sum among active keys.
+  if (p.soft) {
+    int lo = st.ck, hi = p.n;  // first position in [ck, n) with su < ref
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (static_cast<double>(su[mid]) < st.ref) hi = mid; else lo = mid + 1;
+    }
+    st.pa = lo;
+    hi = p.n;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (static_cast<double>(su[mid]) <= st.ref - 1.0) hi = mid; else lo = mid + 1;
+    }
+    st.pe = lo;
+    int u_part = 0, w_part = 0;
+    double b_part = 0.0;
+#pragma unroll 4
+    for (int pos = threadIdx.x; pos < st.pe; pos += kSelectThreads) {
+      const bool active = sj[pos] < m;
+      const double x = static_cast<double>(su[pos]) - st.ref;
+      w_part += active;
+      u_part += active && pos < st.pa;
+      b_part += active && pos >= st.pa ? x : 0.0;
+    }
+    st.U = ReduceI(tmp.ri).Sum(u_part);
+    __syncthreads();
+    st.W = ReduceI(tmp.ri).Sum(w_part);
+    __syncthreads();
+    st.band = ReduceD(tmp.rd).Sum(b_part);
+  }
+  if (threadIdx.x == 0) *out = st;
+}
+
+// One thread per (chunk, segment) walks the chunk's m values in order (threads of a warp walk
+// different chunks, so the walks' memory latencies overlap).
+__global__ void __launch_bounds__(64) select_walk_kernel(const SelectParams p,
+                                                         const ChunkState* states, int chunks) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= chunks * p.segments) return;
+  const int seg = idx / chunks;
+  ChunkState st = states[idx];
+  if (st.m_begin >= st.m_end) return;
   const float* su = p.sorted_u + static_cast<int64_t>(seg) * p.n;
   const int* sj = p.sorted_j + static_cast<int64_t>(seg) * p.n;
   const int* rank = p.rank + static_cast<int64_t>(seg) * p.n;
   const int64_t out0 = static_cast<int64_t>(seg) * (p.n + 1);
-  const int tid = threadIdx.x;
+  const double ref = st.ref, kd = p.k;
+  int ck = st.ck, pa = st.pa, pe = st.pe;
+  long long U = st.U, W = st.W;
+  double band = st.band;
 
-  // Position of the k-th active key (j < m_begin) in sorted order.
-  block_compact(p.n, p.k, [&](int pos) { return sj[pos] < m_begin; },
-                [&](int pos, int r) { if (r == p.k - 1) s_pos = pos; }, tmp.scan);
-  int ck = s_pos;  // exists: m_begin > k keys are active
-
-  // Band edges at tau = thr - 1 (f(thr - 1) >= k): pa = first position with u < thr (saturated
-  // above), pe = first with u <= thr - 1; then U, W and the band sum among active keys.
-  const double ref = su[ck];
-  int pa = 0, pe = 0;
-  long long U = 0, W = 0;
-  double band = 0.0;
-  if (p.soft) {
-    int lo = ck, hi = p.n;  // first position in [ck, n) with su < ref
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (static_cast<double>(su[mid]) < ref) hi = mid; else lo = mid + 1;
-    }
-    pa = lo;
-    hi = p.n;
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (static_cast<double>(su[mid]) <= ref - 1.0) hi = mid; else lo = mid + 1;
-    }
-    pe = lo;
-    int u_part = 0, w_part = 0;
-    double b_part = 0.0;
-    for (int pos = tid; pos < pe; pos += kSelectThreads) {
-      if (sj[pos] >= m_begin) continue;
-      ++w_part;
-      if (pos < pa) ++u_part; else b_part += static_cast<double>(su[pos]) - ref;
-    }
-    U = ReduceI(tmp.ri).Sum(u_part);
-    __syncthreads();
-    W = ReduceI(tmp.ri).Sum(w_part);
-    __syncthreads();
-    band = ReduceD(tmp.rd).Sum(b_part);
-  }
-  if (tid != 0) return;
-
-  const double kd = p.k;
   double tau = -1.0;  // relative to ref; f(tau) >= k holds here and after every activation
-  for (int m = m_begin; m < m_end; ++m) {
+  for (int m = st.m_begin; m < st.m_end; ++m) {
     if (p.soft) {
       // Raise tau breakpoint by breakpoint until f falls to k: exits at u (the key leaves the
       // band), un-saturations at u - 1 (the key enters the band from above).
@@ -254,7 +286,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectPara
         p.soft ? static_cast<float>(tau + (ref - static_cast<double>(thr))) : -INFINITY;
 
     // Key j = m becomes active for m + 1.
-    if (m + 1 < m_end) {
+    if (m + 1 < st.m_end) {
       const int r = rank[m];
       if (r < ck) {  // one more active key above the threshold: it moves to the next one up
         int q = ck - 1;
