@@ -9,7 +9,7 @@ Contract (both ops): inputs are BSHD, ``q`` [B, Sq, Hq, D], ``k``/``v`` [B, Skv,
 ``Hq % Hkv == 0``; causal masking is bottom-right aligned. The ops allocate ``out`` (q's shape and
 dtype, contiguous) and ``lse`` (float32 [B, Hq, Sq], natural log) and hand every tensor to
 ``blackwell_sparsek._C`` as a DLPack capsule (zero copy). Every rule is checked by the C++
-library, whose ``ValueError`` names the offending argument. ``softmax_scale=None`` (or 0) means
+library, whose ``ValueError`` names the offending argument. ``softmax_scale=None`` means
 ``1/sqrt(D)``. On CUDA the work is queued on the current torch stream of q's device.
 
 The one input the ops change: a CUDA q/k/v that breaks the kernels' 16-byte rule (data pointer not
@@ -55,10 +55,6 @@ def _outputs(q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def _scale(softmax_scale: Optional[float]) -> float:
-    return 0.0 if softmax_scale is None else softmax_scale
-
-
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of a CUDA BSHD tensor that only breaks the 16-byte alignment rule."""
     if (
@@ -82,7 +78,7 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
 
 def _attention_cpu(q, k, v, causal, softmax_scale):
     out, lse = _outputs(q)
-    _C.attention_forward(_dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, _scale(softmax_scale), 0)
+    _C.attention_forward(_dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, softmax_scale, 0)
     return out, lse
 
 
@@ -94,7 +90,7 @@ def _attention_cuda(q, k, v, causal, softmax_scale):
     # No torch.cuda.device context: libbsk makes q's device current itself (and restores it).
     stream = torch.cuda.current_stream(q.device).cuda_stream
     _C.attention_forward(
-        _dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, _scale(softmax_scale), stream
+        _dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, softmax_scale, stream
     )
     return out, lse
 
@@ -115,7 +111,7 @@ def _sparsek_cpu(q, k, v, u, k_budget, window, gate, softmax_scale):
     out, lse = _outputs(q)
     _C.sparsek_attention_forward(
         _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
-        k_budget, window, gate, _scale(softmax_scale), 0,
+        k_budget, window, gate, softmax_scale, 0,
     )
     return out, lse
 
@@ -128,7 +124,7 @@ def _sparsek_cuda(q, k, v, u, k_budget, window, gate, softmax_scale):
     stream = torch.cuda.current_stream(q.device).cuda_stream
     _C.sparsek_attention_forward(
         _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
-        k_budget, window, gate, _scale(softmax_scale), stream,
+        k_budget, window, gate, softmax_scale, stream,
     )
     return out, lse
 

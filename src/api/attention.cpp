@@ -14,7 +14,7 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
                        Stream stream) {
   const detail::AttnShape s = detail::check_attention_args(q, k, v, out, lse);
   AttentionParams p = params;
-  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim);
+  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim, q.device);
 
   if (q.device.type == DeviceType::kCPU) {
     ref::attention_forward(q, k, v, out, lse, p);
@@ -24,7 +24,7 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   // Switch first: the pointer checks are CUDA calls and must not touch another device.
   detail::DeviceGuard guard(q.device.index);
   detail::check_cuda_pointers(q, k, v, out, lse);
-  if (s.batch == 0 || s.seqlen_q == 0) return;
+  if (s.batch == 0 || s.seqlen_q == 0 || s.heads_q == 0) return;
 
   detail::DenseFwdArgs a{};
   a.q = q.data;
@@ -45,7 +45,7 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   a.heads_q = static_cast<int>(s.heads_q);
   a.heads_kv = static_cast<int>(s.heads_kv);
   a.head_dim = static_cast<int>(s.head_dim);
-  a.softmax_scale = p.softmax_scale;
+  a.softmax_scale = static_cast<float>(*p.softmax_scale);  // a normal float32: checked above
   a.causal = p.causal;
   a.dtype = q.dtype;
 

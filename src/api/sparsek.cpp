@@ -46,9 +46,11 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
   for (int i = 0; i < 3; ++i)
     if (u.stride[i] < 0) throw InvalidArgument("u", "strides must be non-negative");
   if (u.numel() > 0 && u.data == nullptr) throw InvalidArgument("u", "data pointer is null");
+  detail::check_disjoint(out, "out", u, "u");
+  if (lse) detail::check_disjoint(*lse, "lse", u, "u");
 
   SparseKParams p = params;
-  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim);
+  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim, q.device);
 
   if (q.device.type == DeviceType::kCUDA)
     throw Unsupported("sparsek_attention_forward: the CUDA kernel is not built yet; "

@@ -13,10 +13,6 @@ from conftest import ref_attention
 INF = float("inf")
 
 
-def f32(x):
-    return float(torch.tensor(x, dtype=torch.float32))
-
-
 def make(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
@@ -53,7 +49,7 @@ def sparsek_oracle(q, k, v, u, kb, w, gate, scale=None):
     q, k, v = (t.double() for t in (q, k, v))
     B, Sq, Hq, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
-    scale = f32(1.0 / math.sqrt(D)) if scale is None else f32(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.zeros(B, Sq, Hq, D, dtype=torch.float64)
     lse = torch.full((B, Hq, Sq), -INF, dtype=torch.float64)
     for b in range(B):
@@ -232,7 +228,7 @@ def test_k0_is_sliding_window(sq, skv, w):
     v = make((2, skv, 2, 16), torch.float64, 15)
     u = make((2, 2, skv), torch.float32, 16)
     out, lse = bsk.sparsek_attention(q, k, v, u, 0, w, return_lse=True)
-    eo, el = ref_attention(q, k, v, scale=f32(0.25), mask=window_mask(sq, skv, w))
+    eo, el = ref_attention(q, k, v, scale=0.25, mask=window_mask(sq, skv, w))
     torch.testing.assert_close(out, eo, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(lse.double(), el, rtol=2.0**-22, atol=1e-6)
 
@@ -244,7 +240,7 @@ def test_w0_full_budget_hard_gate_is_causal(sq, skv):
     v = make((1, skv, 4, 16), torch.float64, 19)
     u = make((1, 4, skv), torch.float32, 20)
     out, lse = bsk.sparsek_attention(q, k, v, u, skv, 0, gate="none", return_lse=True)
-    eo, el = ref_attention(q, k, v, causal=True, scale=f32(0.25))
+    eo, el = ref_attention(q, k, v, causal=True, scale=0.25)
     torch.testing.assert_close(out, eo, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(lse.double(), el, rtol=2.0**-22, atol=1e-6)
     dense, dlse = bsk.attention(q, k, v, causal=True, return_lse=True)
@@ -261,7 +257,7 @@ def test_reference_module_float64():
     torch.testing.assert_close(out, eo, rtol=1e-9, atol=1e-9)
     out, lse = ref.attention(q, q, q, causal=True, return_lse=True)
     assert out.dtype == torch.float64 and lse.dtype == torch.float32
-    eo, el = ref_attention(q, q, q, causal=True, scale=f32(0.25))
+    eo, el = ref_attention(q, q, q, causal=True, scale=0.25)
     torch.testing.assert_close(out, eo, rtol=1e-9, atol=1e-9)
 
 
