@@ -267,11 +267,12 @@ def test_reference_module_float64():
 def test_sparsek_errors():
     q = make((1, 6, 2, 16), torch.float32, 23)
     u = torch.zeros(1, 2, 6)
-    with pytest.raises(ValueError, match=r"argument 'k'.*budget"):
+    # The budget and window are named as this API names them (k is the key tensor here).
+    with pytest.raises(ValueError, match=r"argument 'k_budget'.*budget must be >= 0"):
         bsk.sparsek_attention(q, q, q, u, -1, 2)
-    with pytest.raises(ValueError, match=r"argument 'w'"):
+    with pytest.raises(ValueError, match=r"argument 'window'.*>= 0"):
         bsk.sparsek_attention(q, q, q, u, 2, -1)
-    with pytest.raises(ValueError, match=r"argument 'k'.*w == 0"):
+    with pytest.raises(ValueError, match=r"argument 'k_budget'.*window == 0"):
         bsk.sparsek_attention(q, q, q, u, 0, 0)
     with pytest.raises(ValueError, match=r"argument 'gate'.*'topk'"):
         bsk.sparsek_attention(q, q, q, u, 2, 2, gate="topk")
