@@ -114,6 +114,9 @@ def _device(t: torch.Tensor, name: str, q: torch.Tensor, qname: str) -> None:
     if t.device.type not in ("cpu", "cuda", "meta"):
         fail(name, f"is on {t.device}; only CPU and CUDA tensors are supported")
     if t.device != q.device:
+        # A plain meta tensor among real ones is the culprit, whichever argument it is.
+        _no_meta(q, qname)
+        _no_meta(t, name)
         fail(name, f"must be on the same device as {qname} ({q.device}), got {t.device}")
 
 

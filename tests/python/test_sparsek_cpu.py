@@ -1,87 +1,18 @@
 """SparseK on the CPU: blackwell_sparsek.reference helpers and sparsek_attention against
-docs/SPARSEK_SPEC.md, re-implemented here in plain torch float64 (slow loops, tiny shapes)."""
-
-import math
+docs/SPARSEK_SPEC.md, re-implemented in plain torch float64 (slow loops, tiny shapes; the oracles
+live in conftest.py, shared with the fuzz suite)."""
 
 import pytest
 import torch
 
 import blackwell_sparsek as bsk
 from blackwell_sparsek import reference as ref
-from conftest import ref_attention
-
-INF = float("inf")
+from conftest import INF, gates_bisect, ref_attention, sparsek_oracle, spec_order
 
 
 def make(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-# ---- independent oracles -----------------------------------------------------------------------
-
-
-def gates_bisect(z, k):
-    """SPARSEK gates of 1-D z by bisection on tau in float64 (independent of the closed form)."""
-    z = z.double()
-    m = z.numel()
-    if m <= k:
-        return torch.ones_like(z)
-    if k == 0:
-        return torch.zeros_like(z)
-    lo, hi = z.min().item() - 1.0, z.max().item()  # f(lo) = m > k, f(hi) = 0 < k
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if (z - mid).clamp(0, 1).sum().item() > k:
-            lo = mid
-        else:
-            hi = mid
-    return (z - hi).clamp(0, 1)
-
-
-def spec_order(u, idx):
-    """idx sorted by the spec's order: larger u first, ties toward the larger index."""
-    return sorted(idx, key=lambda j: (-float(u[j]), -j))
-
-
-def sparsek_oracle(q, k, v, u, kb, w, gate, scale=None):
-    """SparseK attention straight from the spec, one query row at a time. float64 [B,Sq,Hq,D]."""
-    q, k, v = (t.double() for t in (q, k, v))
-    B, Sq, Hq, D = q.shape
-    Skv, Hkv = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = torch.zeros(B, Sq, Hq, D, dtype=torch.float64)
-    lse = torch.full((B, Hq, Sq), -INF, dtype=torch.float64)
-    for b in range(B):
-        for h in range(Hq):
-            g = h // (Hq // Hkv)
-            ub = u[b, g]
-            for t in range(Sq):
-                i = Skv - Sq + t
-                if i < 0:
-                    continue
-                window = list(range(max(0, i - w + 1), i + 1))
-                cands = list(range(0, i - w + 1))
-                sel = spec_order(ub, cands)[:min(kb, len(cands))]
-                m = gates_bisect(ub[cands], kb) if cands else torch.zeros(0, dtype=torch.float64)
-                gate_of = {j: m[n].item() for n, j in enumerate(cands)}
-                logits, weights, rows = [], [], []
-                for j in window + sel:
-                    s = scale * torch.dot(q[b, t, h], k[b, j, g]).item()
-                    if j in window or gate == "none":
-                        lj, gj = s, 1.0
-                    elif gate == "value":
-                        lj, gj = s, gate_of[j]
-                    else:  # key_value
-                        lj, gj = gate_of[j] * s, gate_of[j]
-                    logits.append(lj)
-                    weights.append(gj)
-                    rows.append(v[b, j, g])
-                lt = torch.tensor(logits, dtype=torch.float64)
-                p = torch.softmax(lt, 0) * torch.tensor(weights, dtype=torch.float64)
-                out[b, t, h] = (p.unsqueeze(1) * torch.stack(rows)).sum(0)
-                lse[b, h, t] = torch.logsumexp(lt, 0)
-    return out, lse
 
 
 def window_mask(sq, skv, w):
