@@ -255,10 +255,8 @@ def scores(draw, B, Hkv, Skv):
 
 @st.composite
 def sparsek_problems(draw, device="cpu", max_len=14):
-    cuda = device == "cuda"
     p = draw(dense_problems(device=device, max_len=max_len))
-    if not cuda:  # the oracle walks rows in Python: keep the problems small
-        p["B"] = min(p["B"], 2)
+    p["B"] = min(p["B"], 2)  # the oracle walks rows in Python: keep the problems small
     p["k_budget"] = draw(st.integers(0, 6))
     p["window"] = draw(st.integers(0 if p["k_budget"] > 0 else 1, 6))
     p["gate"] = draw(st.sampled_from(["key_value", "value", "none"]))
@@ -296,8 +294,8 @@ def test_sparsek_cpu_hidden_nonfinite_keys_do_not_leak(p, data):
 
 
 @needs_cuda
-@hsettings(max_examples=fuzz_examples(20))
-@given(p=sparsek_problems(device="cuda", max_len=40))
+@hsettings(max_examples=fuzz_examples(10))
+@given(p=sparsek_problems(device="cuda", max_len=24))
 def test_sparsek_cuda_matches_oracle(p):
     q, k, v = build(p, "cuda")
     try:
