@@ -81,6 +81,7 @@ def attention(
     natural-log softmax denominator [B, Hq, Sq] when ``return_lse``.
     """
     _check_tensors(("q", q), ("k", k), ("v", v), what="bsk.attention")
+    _validate.boolean(causal, "causal")
     _validate.scale(softmax_scale, "softmax_scale")
     out, lse = _attention_fwd(q, k, v, causal, softmax_scale)
     return (out, lse) if return_lse else out
@@ -109,6 +110,8 @@ def sdpa(
         raise ValueError("bsk: argument 'attn_mask': not supported; use is_causal or None")
     if dropout_p != 0.0:
         raise ValueError(f"bsk: argument 'dropout_p': must be 0 (no dropout), got {dropout_p}")
+    _validate.boolean(is_causal, "is_causal")
+    _validate.boolean(enable_gqa, "enable_gqa")
     # torch reads scale=0 as uniform weights; libbsk has no such mode. Refuse, not guess.
     scale = _validate.scale(scale, "scale")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:

@@ -59,6 +59,11 @@ def tensor(x, name: str) -> None:
         fail(name, f"must be a torch.Tensor, got {type(x).__name__}", TypeError)
 
 
+def boolean(x, name: str) -> None:
+    if x is not True and x is not False:
+        fail(name, f"must be a bool, got {type(x).__name__}", TypeError)
+
+
 def integer(x, name: str) -> int:
     if isinstance(x, bool) or isinstance(x, torch.Tensor):
         fail(name, f"must be an int, got {type(x).__name__}", TypeError)

@@ -430,6 +430,10 @@ def broken_calls(draw, api):
         lambda: ({**args, n["q"]: args[n["q"]].to(torch.int32), n["k"]: args[n["k"]].to(
             torch.int32), n["v"]: args[n["v"]].to(torch.int32)}, ValueError, n["q"]),
     ]
+    if api != "sparsek":
+        flag = "causal" if api == "attention" else "is_causal"
+        breakers.append(lambda: ({**args, flag: draw(st.sampled_from(["yes", 1, None]))},
+                                 TypeError, flag))
     if Hkv > 1:  # Hq not a multiple of Hkv: one query head more
         heads = 3 - seq
         breakers.append(lambda: (_swap(args, n["q"], torch.cat(
