@@ -80,7 +80,7 @@ def attention(
     Returns ``out`` [B, Sq, Hq, D] (q's dtype, contiguous), or ``(out, lse)`` with lse the float32
     natural-log softmax denominator [B, Hq, Sq] when ``return_lse``.
     """
-    _check_tensors(("q", q), ("k", k), ("v", v), what="bsk.attention")
+    _validate.inputs(("q", q), ("k", k), ("v", v), what="bsk.attention")
     _validate.boolean(causal, "causal")
     _validate.scale(softmax_scale, "softmax_scale")
     out, lse = _attention_fwd(q, k, v, causal, softmax_scale)
@@ -105,7 +105,7 @@ def sdpa(
     ``Sq != Skv``. Unsupported (``ValueError``): ``attn_mask``, ``dropout_p != 0``,
     ``scale <= 0``, and ``Hq != Hkv`` without ``enable_gqa=True`` (as in torch).
     """
-    _check_tensors(("query", query), ("key", key), ("value", value), what="bsk.sdpa")
+    _validate.inputs(("query", query), ("key", key), ("value", value), what="bsk.sdpa")
     if attn_mask is not None:
         raise ValueError("bsk: argument 'attn_mask': not supported; use is_causal or None")
     if dropout_p != 0.0:
@@ -129,7 +129,8 @@ def sdpa(
         # with sdpa's names and BHSD shapes where it is a shape rule ...
         _validate.attention(query, key, value, names=_validate.SDPA)
         # ... and otherwise (strides, memory) libbsk's message with the names translated.
-        raise ValueError(_SDPA_NAMES.sub(lambda m: f"argument '{_SDPA_RENAME[m[1]]}'", str(e))) from None
+        renamed = _SDPA_NAMES.sub(lambda m: f"argument '{_SDPA_RENAME[m[1]]}'", str(e))
+        raise ValueError(renamed) from None
 
 
 _SDPA_RENAME = {"q": "query", "k": "key", "v": "value", "softmax_scale": "scale"}
@@ -150,12 +151,6 @@ def _sdpa_bshd(q, k, v, is_causal, scale):
         tail, _ = _attention_fwd(q[:, skv:], k, v, False, scale)
         out = torch.cat((head, tail), dim=1)
     return out
-
-
-def _check_tensors(*named, what):
-    for name, t in named:
-        _validate.tensor(t, name)
-    _validate.no_grad_required(named, what)
 
 
 def sparsek_attention(
@@ -180,7 +175,7 @@ def sparsek_attention(
     Returns ``out`` or ``(out, lse)`` as :func:`attention`. CPU tensors only for now: the CUDA
     kernel is not built yet (``NotImplementedError``).
     """
-    _check_tensors(("q", q), ("k", k), ("v", v), ("u", u), what="bsk.sparsek_attention")
+    _validate.inputs(("q", q), ("k", k), ("v", v), ("u", u), what="bsk.sparsek_attention")
     _validate.sparsek_params(k_budget, window, gate)
     _validate.scale(softmax_scale, "softmax_scale")
     out, lse = _sparsek_fwd(q, k, v, u, k_budget, window, gate, softmax_scale)

@@ -88,12 +88,15 @@ def scale(x, name: str) -> Optional[float]:
     return s
 
 
-def no_grad_required(name_tensor_pairs, what: str) -> None:
-    """There is no backward yet: refuse to run where autograd would need one, instead of
-    returning a result that silently carries no gradient."""
+def inputs(*named, what: str) -> None:
+    """Each (name, value) is a tensor, and none needs a gradient: there is no backward yet, so
+    refuse to run where autograd would need one instead of returning a result that silently
+    carries no gradient."""
+    for name, t in named:
+        tensor(t, name)
     if not torch.is_grad_enabled():
         return
-    for name, t in name_tensor_pairs:
+    for name, t in named:
         if t.requires_grad:
             fail(name, f"requires grad, but {what} has no backward yet; call it under "
                        "torch.no_grad() or pass a detached tensor", NotImplementedError)

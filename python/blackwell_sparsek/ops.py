@@ -51,7 +51,8 @@ _lib.define(
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     if q.dim() == 4 and q.shape[1] > _validate.MAX_LEN:
         # libbsk would refuse the length, but only after out is allocated (or fails to be).
         _validate.attention(q, k, v)

@@ -45,7 +45,8 @@ def attention(
     return_lse: bool = False,
 ):
     """Dense attention in float64 on the CPU; same contract as :func:`blackwell_sparsek.attention`."""
-    _tensors(("q", q), ("k", k), ("v", v), what="bsk.reference.attention")
+    # The reference detaches its inputs: a gradient asked of it would silently be missing.
+    _validate.inputs(("q", q), ("k", k), ("v", v), what="bsk.reference.attention")
     out, lse = _ops.attention_fwd(_f64(q), _f64(k), _f64(v), causal, softmax_scale)
     return (out, lse) if return_lse else out
 
@@ -63,19 +64,13 @@ def sparsek_attention(
 ):
     """SparseK attention in float64 on the CPU; same contract as
     :func:`blackwell_sparsek.sparsek_attention` (u stays float32)."""
-    _tensors(("q", q), ("k", k), ("v", v), ("u", u), what="bsk.reference.sparsek_attention")
+    _validate.inputs(("q", q), ("k", k), ("v", v), ("u", u),
+                     what="bsk.reference.sparsek_attention")
     out, lse = _ops.sparsek_fwd(
         _f64(q), _f64(k), _f64(v), u.detach().to(device="cpu"), k_budget, window, gate,
         softmax_scale,
     )
     return (out, lse) if return_lse else out
-
-
-def _tensors(*named, what):
-    for name, t in named:
-        _validate.tensor(t, name)
-    # The reference detaches its inputs: a gradient asked of it would silently be missing.
-    _validate.no_grad_required(named, what)
 
 
 def _rows(z: torch.Tensor, name: str) -> Tuple[torch.Tensor, Tuple[int, ...], int]:

@@ -292,12 +292,12 @@ NB_MODULE(_C, m) {
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal") = false,
         nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,
         "Dense attention forward into `out` (and `lse` unless None). BSHD q [B,Sq,Hq,D], k/v "
-        "[B,Skv,Hkv,D]; causal is bottom-right aligned; softmax_scale None means 1/sqrt(D). CUDA work "
-        "is queued on `stream` (a cudaStream_t as int, 0 = legacy default) and not waited for.");
+        "[B,Skv,Hkv,D]; causal is bottom-right aligned; softmax_scale None means 1/sqrt(D). CUDA "
+        "work is queued on `stream` (a cudaStream_t as int, 0 = legacy default) and not waited for.");
   m.def("sparsek_attention_forward", &sparsek_attention_forward, nb::arg("q"), nb::arg("k"),
         nb::arg("v"), nb::arg("u"), nb::arg("out"), nb::arg("lse").none(), nb::arg("k_budget"),
-        nb::arg("window"), nb::arg("gate") = "key_value", nb::arg("softmax_scale").none() = nb::none(),
-        nb::arg("stream") = 0,
+        nb::arg("window"), nb::arg("gate") = "key_value",
+        nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,
         "SparseK attention forward (docs/SPARSEK_SPEC.md) into `out`/`lse`: window `window` plus "
         "the `k_budget` best-scored earlier keys by u [B,Hkv,Skv] float32; gate is 'key_value', "
         "'value' or 'none'.");

@@ -325,8 +325,8 @@ TEST_F(Validation, HeadDimTooLargeOnCpu) {
 }
 
 TEST_F(Validation, SoftmaxScaleMustBeFiniteAndPositive) {
-  for (double s : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(),
-                   -std::numeric_limits<double>::infinity(), 0.0, -0.0, -0.25}) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  for (double s : {std::numeric_limits<double>::quiet_NaN(), kInf, -kInf, 0.0, -0.0, -0.25}) {
     ap.softmax_scale = sp.softmax_scale = s;
     EXPECT_BOTH_INVALID("softmax_scale", "must be finite and > 0");
   }

@@ -211,7 +211,8 @@ def test_6_sdpa_speaks_bhsd_and_its_own_names():
     with pytest.raises(ValueError, match=r"argument 'value': must have the shape of key "
                                          r"\[1, 4, 6, 16\], got \[1, 4, 5, 16\]"):
         bsk.sdpa(q, q, q[:, :, :5])
-    with pytest.raises(ValueError, match=r"argument 'query': must be a 4-D tensor \[B, Hq, Sq, D\]"):
+    with pytest.raises(ValueError,
+                       match=r"argument 'query': must be a 4-D tensor \[B, Hq, Sq, D\]"):
         bsk.sdpa(q[0], q, q)
     with pytest.raises(ValueError, match=r"argument 'scale'.*got nan"):
         bsk.sdpa(q, q, q, scale=float("nan"))
