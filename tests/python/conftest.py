@@ -89,8 +89,10 @@ def ref_attention(q, k, v, causal=False, scale=None, mask=None):
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf on empty rows
-    p = torch.exp(s - lse.unsqueeze(-1))
-    p = torch.nan_to_num(p, nan=0.0)  # empty rows: exp(-inf - -inf)
+    # softmax normalizes by the sum, not by exp(lse): at huge logits (scale 1e39) lse = max +
+    # log(n) rounds back to max and exp(s - lse) would give every tied maximum a weight of 1.
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # empty rows: softmax over nothing but -inf
     out = torch.matmul(p, vv).permute(0, 2, 1, 3)
     return out.contiguous(), lse
 

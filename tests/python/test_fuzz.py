@@ -118,7 +118,7 @@ def check_cuda(out, eo, v, dtype):
 # ---- dense attention ----------------------------------------------------------------------------
 
 
-@hsettings(max_examples=fuzz_examples(1000))
+@hsettings(max_examples=fuzz_examples(2000))
 @given(p=dense_problems())
 def test_attention_cpu_matches_oracle(p):
     q, k, v = build(p)
@@ -141,7 +141,7 @@ def sdpa_oracle(query, key, value, is_causal, scale):
     return eo.transpose(1, 2)
 
 
-@hsettings(max_examples=fuzz_examples(600))
+@hsettings(max_examples=fuzz_examples(1200))
 @given(p=dense_problems())
 def test_sdpa_cpu_matches_oracle(p):
     assume(p["Skv"] > 0 and p["Hq"] > 0)  # torch's semantics for rows without keys differ (NaN)
@@ -200,7 +200,7 @@ def check_hidden_keys_cpu(p, data, run, expected):
     check_cpu(out[:, rows], lse[:, :, rows], eo[:, rows], el[:, :, rows], p["dtype"])
 
 
-@hsettings(max_examples=fuzz_examples(300))
+@hsettings(max_examples=fuzz_examples(600))
 @given(p=dense_problems(), data=st.data())
 def test_attention_cpu_hidden_nonfinite_keys_do_not_leak(p, data):
     check_hidden_keys_cpu(
@@ -269,7 +269,7 @@ def sparsek_expected(p, q, k, v):
                           p["gate"], scale=p["scale"])
 
 
-@hsettings(max_examples=fuzz_examples(400))
+@hsettings(max_examples=fuzz_examples(600))
 @given(p=sparsek_problems())
 def test_sparsek_cpu_matches_oracle(p):
     q, k, v = build(p)
@@ -282,7 +282,7 @@ def test_sparsek_cpu_matches_oracle(p):
     check_cpu(out, lse, eo, el, p["dtype"])
 
 
-@hsettings(max_examples=fuzz_examples(100))
+@hsettings(max_examples=fuzz_examples(200))
 @given(p=sparsek_problems(), data=st.data())
 def test_sparsek_cpu_hidden_nonfinite_keys_do_not_leak(p, data):
     check_hidden_keys_cpu(
@@ -325,7 +325,7 @@ def gate_vectors(draw):
     return torch.tensor([base + x for x in z], dtype=torch.float32), draw(st.integers(0, m + 2))
 
 
-@hsettings(max_examples=fuzz_examples(1500))
+@hsettings(max_examples=fuzz_examples(3000))
 @given(zk=gate_vectors())
 def test_sparsek_gates_properties(zk):
     z, k = zk
@@ -465,7 +465,7 @@ CALL = {"attention": bsk.attention, "sdpa": bsk.sdpa, "sparsek": bsk.sparsek_att
 
 
 @pytest.mark.parametrize("api", ["attention", "sdpa", "sparsek"])
-@hsettings(max_examples=fuzz_examples(600))
+@hsettings(max_examples=fuzz_examples(1000))
 @given(data=st.data())
 def test_invalid_calls_name_the_argument(api, data):
     args, exc, blamed = data.draw(broken_calls(api))
