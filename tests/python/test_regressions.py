@@ -121,6 +121,15 @@ def test_3_zero_scale_is_an_error_not_the_default():
         _C.attention_forward(dl(q), dl(k), dl(v), dl(torch.empty_like(q)), None, False, 0.0, 0)
 
 
+def test_3_cuda_refuses_scales_float32_cannot_carry(cuda):
+    # The kernels scale in float32: a scale that would turn into 0, a denormal or inf there is an
+    # error naming the rule, never a silent change of meaning.
+    q = torch.randn(1, 8, 2, 64, device=cuda, dtype=torch.float16)
+    for scale in (1e-46, 1e-39, 1e39):
+        with pytest.raises(ValueError, match=r"argument 'softmax_scale'.*normal float32 on CUDA"):
+            bsk.attention(q, q, q, softmax_scale=scale)
+
+
 # ---- 4: SPARSEK gates for large tied scores -----------------------------------------------------
 
 
