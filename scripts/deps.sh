@@ -22,6 +22,7 @@ if [ "${BSK_WITH_TEST_DEPS:-0}" = 1 ]; then
   missing torch && need+=(torch==2.11.0)
   missing numpy && need+=(numpy==2.4.6)
   missing pytest && need+=(pytest==9.2.0)
+  missing hypothesis && need+=(hypothesis==6.170.15)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: installing ${need[*]}"

@@ -2,6 +2,8 @@
 // the tensors live on (CUDA: tensor-core kernels; CPU: the float64-accumulating reference).
 #pragma once
 
+#include <optional>
+
 #include "bsk/tensor.h"
 
 namespace bsk {
@@ -11,8 +13,10 @@ struct AttentionParams {
   // FlashAttention. Rows that see no key (causal with Sq > Skv, or Skv == 0) get output 0 and
   // lse -inf.
   bool causal = false;
-  // Multiplies q.k before the softmax; 0 means 1/sqrt(head_dim).
-  float softmax_scale = 0.0f;
+  // Multiplies q.k before the softmax; std::nullopt means 1/sqrt(head_dim). Must be finite and
+  // > 0. The CPU reference uses it as given (double); the CUDA kernels take it as float32, so on
+  // CUDA it must also be a normal float32 (between about 1.2e-38 and 3.4e38).
+  std::optional<double> softmax_scale;
 };
 
 // q: [B, Sq, Hq, D]; k, v: [B, Skv, Hkv, D]; out: [B, Sq, Hq, D] (BSHD, any strides with the last

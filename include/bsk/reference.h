@@ -18,7 +18,9 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
 
 // The SPARSEK operator on one candidate vector z[0..m): writes gates[0..m) and returns tau.
 // m <= k: all gates 1, tau = -inf. Otherwise sum_j clip(z_j - tau, 0, 1) == k, and where tau is
-// not unique the largest one is returned (k == 0 with m > 0: gates 0, tau = +inf).
+// not unique the largest one is returned (k == 0 with m > 0: gates 0, tau = +inf). The gates are
+// right for any finite z (tau is found relative to the k-th largest value z_(k)); the returned
+// tau is z_(k) + (tau - z_(k)) rounded to double, so where |z_(k)| >= 2^52 it is only approximate.
 double sparsek_gates(const float* z, int64_t m, int64_t k, float* gates);
 
 // Vector-Jacobian product of the gates w.r.t. z: s = 1[0 < gate < 1],

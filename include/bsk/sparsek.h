@@ -3,6 +3,8 @@
 // query-independent score u, soft-gated by the SPARSEK operator.
 #pragma once
 
+#include <optional>
+
 #include "bsk/tensor.h"
 
 namespace bsk {
@@ -19,7 +21,8 @@ struct SparseKParams {
   int64_t k = 0;  // selection budget, >= 0
   int64_t w = 0;  // sliding window, >= 0; k == 0 && w == 0 is an error
   Gate gate = Gate::kKeyValue;
-  float softmax_scale = 0.0f;  // 0 means 1/sqrt(head_dim)
+  // std::nullopt means 1/sqrt(head_dim); otherwise as bsk::AttentionParams::softmax_scale.
+  std::optional<double> softmax_scale;
 };
 
 // q: [B, Sq, Hq, D]; k, v: [B, Skv, Hkv, D]; u: float32 [B, Hkv, Skv], finite;

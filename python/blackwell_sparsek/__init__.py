@@ -11,8 +11,11 @@ Public API
 
 CUDA tensors run the tensor-core kernels (float16/bfloat16, head dim 64 or 128) on the current
 torch stream; CPU tensors run the C++ reference (float16, bfloat16, float32 or float64). All of
-them trace under ``torch.compile(fullgraph=True)``. Bad arguments raise ``ValueError`` naming the
-argument; requests this build cannot serve raise ``NotImplementedError``. Forward only.
+them trace under ``torch.compile(fullgraph=True)``. Bad arguments raise ``ValueError`` (a bad
+value) or ``TypeError`` (not a tensor, not an int, ...) naming the argument as the caller wrote it;
+requests this build cannot serve raise ``NotImplementedError``. Forward only: inputs that need a
+gradient (``requires_grad`` with grad mode on) raise ``NotImplementedError`` rather than return a
+result that autograd would silently skip.
 
 Inputs are used in place (DLPack, zero copy), with one exception: a CUDA q/k/v whose data pointer
 is not 16-byte aligned or whose batch/sequence/head stride is not a multiple of 8 elements (the
@@ -21,6 +24,7 @@ kernels load 16-byte vectors) is first copied to a contiguous tensor.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -33,6 +37,7 @@ except ImportError as _e:  # e.g. the source tree (python/) is on sys.path inste
         "package with `pip install --no-build-isolation .` from the repository root and import "
         f"it from there, not from the python/ source folder ({_e})"
     ) from _e
+from . import _validate
 from . import ops
 from . import reference
 
@@ -77,6 +82,9 @@ def attention(
     Returns ``out`` [B, Sq, Hq, D] (q's dtype, contiguous), or ``(out, lse)`` with lse the float32
     natural-log softmax denominator [B, Hq, Sq] when ``return_lse``.
     """
+    _validate.inputs(("q", q), ("k", k), ("v", v), what="bsk.attention")
+    _validate.boolean(causal, "causal")
+    _validate.scale(softmax_scale, "softmax_scale")
     out, lse = _attention_fwd(q, k, v, causal, softmax_scale)
     return (out, lse) if return_lse else out
 
@@ -99,26 +107,39 @@ def sdpa(
     ``Sq != Skv``. Unsupported (``ValueError``): ``attn_mask``, ``dropout_p != 0``,
     ``scale <= 0``, and ``Hq != Hkv`` without ``enable_gqa=True`` (as in torch).
     """
+    _validate.inputs(("query", query), ("key", key), ("value", value), what="bsk.sdpa")
     if attn_mask is not None:
-        raise ValueError("sdpa: argument 'attn_mask': not supported; use is_causal or None")
+        raise ValueError("bsk: argument 'attn_mask': not supported; use is_causal or None")
     if dropout_p != 0.0:
-        raise ValueError(f"sdpa: argument 'dropout_p': must be 0 (no dropout), got {dropout_p}")
-    if scale is not None and scale <= 0:
-        # torch reads scale=0 as uniform weights; libbsk reads 0 as "default". Refuse, not guess.
-        raise ValueError(f"sdpa: argument 'scale': must be > 0 or None, got {scale}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"sdpa: argument '{name}': must be a 4-D tensor [B, H, S, D], got {t.dim()}-D"
-            )
+        raise ValueError(f"bsk: argument 'dropout_p': must be 0 (no dropout), got {dropout_p}")
+    _validate.boolean(is_causal, "is_causal")
+    _validate.boolean(enable_gqa, "enable_gqa")
+    # torch reads scale=0 as uniform weights; libbsk has no such mode. Refuse, not guess.
+    scale = _validate.scale(scale, "scale")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        _validate.attention(query, key, value, names=_validate.SDPA)
     if not enable_gqa and query.shape[1] != key.shape[1]:
         raise ValueError(
-            f"sdpa: argument 'key': has {key.shape[1]} heads but query has {query.shape[1]}; "
+            f"bsk: argument 'key': has {key.shape[1]} heads but query has {query.shape[1]}; "
             "pass enable_gqa=True for grouped-query attention"
         )
-    q = query.transpose(1, 2)
-    k = key.transpose(1, 2)
-    v = value.transpose(1, 2)
+    try:
+        return _sdpa_bshd(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          is_causal, scale).transpose(1, 2)
+    except ValueError as e:
+        # Checked only on failure, so that valid calls pay nothing for it: the same rule, stated
+        # with sdpa's names and BHSD shapes where it is a shape rule ...
+        _validate.attention(query, key, value, names=_validate.SDPA)
+        # ... and otherwise (strides, memory) libbsk's message with the names translated.
+        renamed = _SDPA_NAMES.sub(lambda m: f"argument '{_SDPA_RENAME[m[1]]}'", str(e))
+        raise ValueError(renamed) from None
+
+
+_SDPA_RENAME = {"q": "query", "k": "key", "v": "value", "softmax_scale": "scale"}
+_SDPA_NAMES = re.compile(r"argument '(q|k|v|softmax_scale)'")
+
+
+def _sdpa_bshd(q, k, v, is_causal, scale):
     sq, skv = q.shape[1], k.shape[1]
     if not is_causal or sq == skv:
         out, _ = _attention_fwd(q, k, v, is_causal, scale)
@@ -131,7 +152,7 @@ def sdpa(
         head, _ = _attention_fwd(q[:, :skv], k, v, True, scale)
         tail, _ = _attention_fwd(q[:, skv:], k, v, False, scale)
         out = torch.cat((head, tail), dim=1)
-    return out.transpose(1, 2)
+    return out
 
 
 def sparsek_attention(
@@ -156,6 +177,9 @@ def sparsek_attention(
     Returns ``out`` or ``(out, lse)`` as :func:`attention`. CUDA tensors (fp16/bf16, head dim
     64/128) run the GPU selection and fused kernel; CPU tensors the float64 reference.
     """
+    _validate.inputs(("q", q), ("k", k), ("v", v), ("u", u), what="bsk.sparsek_attention")
+    _validate.sparsek_params(k_budget, window, gate)
+    _validate.scale(softmax_scale, "softmax_scale")
     out, lse = _sparsek_fwd(q, k, v, u, k_budget, window, gate, softmax_scale)
     return (out, lse) if return_lse else out
 

@@ -9,7 +9,7 @@ Contract (both ops): inputs are BSHD, ``q`` [B, Sq, Hq, D], ``k``/``v`` [B, Skv,
 ``Hq % Hkv == 0``; causal masking is bottom-right aligned. The ops allocate ``out`` (q's shape and
 dtype, contiguous) and ``lse`` (float32 [B, Hq, Sq], natural log) and hand every tensor to
 ``blackwell_sparsek._C`` as a DLPack capsule (zero copy). Every rule is checked by the C++
-library, whose ``ValueError`` names the offending argument. ``softmax_scale=None`` (or 0) means
+library, whose ``ValueError`` names the offending argument. ``softmax_scale=None`` means
 ``1/sqrt(D)``. On CUDA the work is queued on the current torch stream of q's device.
 
 The one input the ops change: a CUDA q/k/v that breaks the kernels' 16-byte rule (data pointer not
@@ -17,7 +17,13 @@ The one input the ops change: a CUDA q/k/v that breaks the kernels' 16-byte rule
 formed is copied to a fresh contiguous tensor first, so any view torch can produce works. The
 copy costs one read and one write of that tensor.
 
-The ops are forward-only: no autograd formula is registered.
+The ops are forward-only: no autograd formula is registered (an Autograd kernel would cost every
+call several microseconds of Python). The front doors in ``blackwell_sparsek`` refuse inputs that
+need a gradient instead; called directly, the ops give torch's "no autograd kernel" warning.
+
+The fake implementations check every shape, dtype and device rule (blackwell_sparsek._validate),
+so torch.compile rejects what eager would, and they refuse plain meta tensors: an op run on meta
+tensors outside tracing would hand back memory nobody computed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from torch.utils.dlpack import to_dlpack as _dl
 
 from . import _C
+from . import _validate
 
 __all__ = ["attention_fwd", "sparsek_fwd"]
 
@@ -44,7 +51,11 @@ _lib.define(
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _outputs(q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    if q.dim() == 4 and q.shape[1] > _validate.MAX_LEN:
+        # libbsk would refuse the length, but only after out is allocated (or fails to be).
+        _validate.attention(q, k, v)
     # empty_like / new_empty: the cheapest allocations from Python (torch.empty(shape, dtype=...,
     # device=...) costs several microseconds more per call).
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -53,10 +64,6 @@ def _outputs(q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     else:  # the C++ validation rejects q's rank before it looks at lse
         lse = q.new_empty((0, 0, 0), dtype=torch.float32)
     return out, lse
-
-
-def _scale(softmax_scale: Optional[float]) -> float:
-    return 0.0 if softmax_scale is None else softmax_scale
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
@@ -81,8 +88,8 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_cpu(q, k, v, causal, softmax_scale):
-    out, lse = _outputs(q)
-    _C.attention_forward(_dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, _scale(softmax_scale), 0)
+    out, lse = _outputs(q, k, v)
+    _C.attention_forward(_dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, softmax_scale, 0)
     return out, lse
 
 
@@ -90,17 +97,19 @@ def _attention_cuda(q, k, v, causal, softmax_scale):
     if not q.is_cuda:  # mixed devices: let the C++ validation name the culprit
         return _attention_cpu(q, k, v, causal, softmax_scale)
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
-    out, lse = _outputs(q)
+    out, lse = _outputs(q, k, v)
     # No torch.cuda.device context: libbsk makes q's device current itself (and restores it).
     stream = torch.cuda.current_stream(q.device).cuda_stream
     _C.attention_forward(
-        _dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, _scale(softmax_scale), stream
+        _dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, softmax_scale, stream
     )
     return out, lse
 
 
 def _attention_fake(q, k, v, causal, softmax_scale):
-    return _outputs(q)
+    _validate.attention(q, k, v)
+    _validate.scale(softmax_scale, "softmax_scale")
+    return _outputs(q, k, v)
 
 
 _lib.impl("attention_fwd", _attention_cpu, "CPU")
@@ -112,10 +121,13 @@ torch.library.register_fake("blackwell_sparsek::attention_fwd", _attention_fake,
 
 
 def _sparsek_cpu(q, k, v, u, k_budget, window, gate, softmax_scale):
-    out, lse = _outputs(q)
+    # Here, not in libbsk, so that the message says k_budget / window, the names of this API
+    # (libbsk's are k / w, and k is the key tensor here).
+    _validate.sparsek_params(k_budget, window, gate)
+    out, lse = _outputs(q, k, v)
     _C.sparsek_attention_forward(
         _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
-        k_budget, window, gate, _scale(softmax_scale), 0,
+        k_budget, window, gate, softmax_scale, 0,
     )
     return out, lse
 
@@ -123,18 +135,22 @@ def _sparsek_cpu(q, k, v, u, k_budget, window, gate, softmax_scale):
 def _sparsek_cuda(q, k, v, u, k_budget, window, gate, softmax_scale):
     if not q.is_cuda:
         return _sparsek_cpu(q, k, v, u, k_budget, window, gate, softmax_scale)
+    _validate.sparsek_params(k_budget, window, gate)
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
-    out, lse = _outputs(q)
+    out, lse = _outputs(q, k, v)
     stream = torch.cuda.current_stream(q.device).cuda_stream
     _C.sparsek_attention_forward(
         _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
-        k_budget, window, gate, _scale(softmax_scale), stream,
+        k_budget, window, gate, softmax_scale, stream,
     )
     return out, lse
 
 
 def _sparsek_fake(q, k, v, u, k_budget, window, gate, softmax_scale):
-    return _outputs(q)
+    _validate.sparsek_params(k_budget, window, gate)
+    _validate.attention(q, k, v, u=u)
+    _validate.scale(softmax_scale, "softmax_scale")
+    return _outputs(q, k, v)
 
 
 _lib.impl("sparsek_fwd", _sparsek_cpu, "CPU")

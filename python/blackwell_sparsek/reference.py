@@ -15,6 +15,7 @@ import torch
 from torch.utils.dlpack import to_dlpack as _dl
 
 from . import _C
+from . import _validate
 from . import ops as _ops
 
 __all__ = [
@@ -44,6 +45,8 @@ def attention(
     return_lse: bool = False,
 ):
     """Dense attention in float64 on the CPU; same contract as :func:`blackwell_sparsek.attention`."""
+    # The reference detaches its inputs: a gradient asked of it would silently be missing.
+    _validate.inputs(("q", q), ("k", k), ("v", v), what="bsk.reference.attention")
     out, lse = _ops.attention_fwd(_f64(q), _f64(k), _f64(v), causal, softmax_scale)
     return (out, lse) if return_lse else out
 
@@ -61,6 +64,8 @@ def sparsek_attention(
 ):
     """SparseK attention in float64 on the CPU; same contract as
     :func:`blackwell_sparsek.sparsek_attention` (u stays float32)."""
+    _validate.inputs(("q", q), ("k", k), ("v", v), ("u", u),
+                     what="bsk.reference.sparsek_attention")
     out, lse = _ops.sparsek_fwd(
         _f64(q), _f64(k), _f64(v), u.detach().to(device="cpu"), k_budget, window, gate,
         softmax_scale,
@@ -69,6 +74,7 @@ def sparsek_attention(
 
 
 def _rows(z: torch.Tensor, name: str) -> Tuple[torch.Tensor, Tuple[int, ...], int]:
+    _validate.tensor(z, name)
     if z.dim() == 0:
         raise ValueError(f"bsk: argument '{name}': must have at least 1 dimension [..., m]")
     z = _cpu(z)
@@ -84,6 +90,7 @@ def sparsek_gates(z: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     threshold tau float64 [...] (-inf when m <= k; the largest valid tau where it is not unique).
     """
     rows, lead, m = _rows(z, "z")
+    k = _validate.integer(k, "k")
     gates = torch.empty_like(rows)
     tau = [_C.sparsek_gates(_dl(rows[r]), k, _dl(gates[r])) for r in range(rows.shape[0])]
     return gates.reshape(*lead, m), torch.tensor(tau, dtype=torch.float64).reshape(lead)
@@ -93,6 +100,7 @@ def sparsek_gates_vjp(gates: torch.Tensor, grad_gates: torch.Tensor) -> torch.Te
     """Gradient of a loss w.r.t. z given ``gates = sparsek_gates(z, k)[0]`` and dL/dgates
     (float32 [..., m] each): ``s * (g - (s.g)/|s|_1)`` with ``s = 1[0 < gates < 1]``."""
     g_rows, lead, m = _rows(gates, "gates")
+    _validate.tensor(grad_gates, "grad_gates")
     gg = _cpu(grad_gates)
     if tuple(gg.shape) != tuple(gates.shape):
         raise ValueError(
@@ -110,6 +118,7 @@ def topk_select(z: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [..., min(k, m)] (int64) of the winners of float32 ``z`` [..., m] under the spec's
     order: larger value first, ties toward the larger index; listed in that order."""
     rows, lead, m = _rows(z, "z")
+    k = _validate.integer(k, "k")
     n = max(min(k, m), 0)  # k < 0 is left for the C++ validation to reject
     idx = torch.empty((rows.shape[0], n), dtype=torch.int64)
     for r in range(rows.shape[0]):
@@ -127,6 +136,12 @@ def sparsek_scores(
     x: float32 [B, S, Dmodel]; w_score: float32 [Dmodel, Hkv]; slope: a scalar or float32 [Hkv].
     Returns u, float32 [B, Hkv, S], ready for :func:`blackwell_sparsek.sparsek_attention`.
     """
+    _validate.tensor(x, "x")
+    _validate.tensor(w_score, "w_score")
+    if not isinstance(slope, torch.Tensor):
+        if isinstance(slope, bool) or not isinstance(slope, (int, float)):
+            _validate.fail("slope", f"must be a float or a tensor, got {type(slope).__name__}",
+                           TypeError)
     x = x.detach().cpu()
     w_score = w_score.detach().cpu()
     heads = w_score.shape[1] if w_score.dim() == 2 else 1

@@ -14,7 +14,7 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
                        Stream stream) {
   const detail::AttnShape s = detail::check_attention_args(q, k, v, out, lse);
   AttentionParams p = params;
-  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim);
+  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim, q.device);
 
   if (q.device.type == DeviceType::kCPU) {
     ref::attention_forward(q, k, v, out, lse, p);
@@ -24,10 +24,12 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   // Switch first: the pointer checks are CUDA calls and must not touch another device.
   detail::DeviceGuard guard(q.device.index);
   detail::check_cuda_pointers(q, k, v, out, lse);
-  if (s.batch == 0 || s.seqlen_q == 0) return;
+  if (s.batch == 0 || s.seqlen_q == 0 || s.heads_q == 0) return;
 
-  detail::dense_fwd_cuda(detail::make_fwd_args(q, k, v, out, lse, p.softmax_scale, p.causal),
-                         q.device.index, stream);
+  // softmax_scale is set and a normal float32 on CUDA: resolve_softmax_scale checked it.
+  detail::dense_fwd_cuda(
+      detail::make_fwd_args(q, k, v, out, lse, static_cast<float>(*p.softmax_scale), p.causal),
+      q.device.index, stream);
 }
 
 namespace detail {

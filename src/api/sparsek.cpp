@@ -52,9 +52,11 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
   for (int i = 0; i < 3; ++i)
     if (u.stride[i] < 0) throw InvalidArgument("u", "strides must be non-negative");
   if (u.numel() > 0 && u.data == nullptr) throw InvalidArgument("u", "data pointer is null");
+  detail::check_disjoint(out, "out", u, "u");
+  if (lse) detail::check_disjoint(*lse, "lse", u, "u");
 
   SparseKParams p = params;
-  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim);
+  p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim, q.device);
 
   if (q.device.type == DeviceType::kCUDA) {
     if (params.k > kMaxCudaLength || params.w > kMaxCudaLength)
@@ -68,7 +70,8 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
     detail::check_cuda_pointer(u, "u");
     if (s.batch == 0 || s.seqlen_q == 0 || s.heads_q == 0) return;
     detail::SparseKFwdArgs a{};
-    a.attn = detail::make_fwd_args(q, k, v, out, lse, p.softmax_scale, /*causal=*/true);
+    a.attn = detail::make_fwd_args(q, k, v, out, lse, static_cast<float>(*p.softmax_scale),
+                                   /*causal=*/true);
     a.u = static_cast<const float*>(u.data);
     for (int i = 0; i < 3; ++i) a.u_stride[i] = u.stride[i];
     // k beyond Skv selects every candidate, as k = Skv does.

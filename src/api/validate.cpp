@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <string>
 #include <utility>
@@ -18,6 +19,13 @@ std::string shape_str(const TensorView& t) {
   std::string s = "[";
   for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
   return s + "]";
+}
+
+// Shortest round-trip spelling: std::to_string would print 1e-45 as 0.000000.
+std::string number_str(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.17g", x);
+  return buf;
 }
 
 std::string device_str(const Device& d) {
@@ -85,14 +93,12 @@ void check_outputs_disjoint(const TensorView& q, const TensorView& k, const Tens
                             const TensorView& out, const TensorView* lse) {
   if (spans_overlap(out, q) && !same_layout(out, q))
     throw InvalidArgument("out", "overlaps q's memory (only out == q, same layout, is allowed)");
-  if (spans_overlap(out, k)) throw InvalidArgument("out", "overlaps k's memory");
-  if (spans_overlap(out, v)) throw InvalidArgument("out", "overlaps v's memory");
+  check_disjoint(out, "out", k, "k");
+  check_disjoint(out, "out", v, "v");
   if (lse) {
     const TensorView* in[] = {&q, &k, &v, &out};
     const char* names[] = {"q", "k", "v", "out"};
-    for (int i = 0; i < 4; ++i)
-      if (spans_overlap(*lse, *in[i]))
-        throw InvalidArgument("lse", std::string("overlaps ") + names[i] + "'s memory");
+    for (int i = 0; i < 4; ++i) check_disjoint(*lse, "lse", *in[i], names[i]);
   }
 }
 
@@ -147,11 +153,13 @@ AttnShape check_attention_args(const TensorView& q, const TensorView& k, const T
                                    "), got " + shape_str(k));
   check_same_shape(v, "v", k, "k");
   check_same_shape(out, "out", q, "q");
-  if (s.heads_q < 1)
-    throw InvalidArgument("q", "head count Hq must be >= 1, got " + std::to_string(s.heads_q));
-  if (s.heads_kv < 1)
-    throw InvalidArgument("k", "head count Hkv must be >= 1, got " + std::to_string(s.heads_kv));
-  if (s.heads_q % s.heads_kv != 0)
+  // Every count may be 0 (B, Sq, Skv, Hq, Hkv: an empty problem, an empty or all-zero output);
+  // only the GQA rule ties Hq to Hkv, and Hkv == 0 leaves nothing for a query head to use.
+  if (s.heads_kv == 0 && s.heads_q != 0)
+    throw InvalidArgument("k", "Hkv is 0 but Hq is " + std::to_string(s.heads_q) +
+                                   "; Hq must be a multiple of Hkv (GQA/MQA), so Hkv == 0 needs "
+                                   "Hq == 0");
+  if (s.heads_kv != 0 && s.heads_q % s.heads_kv != 0)
     throw InvalidArgument("k", "Hq (" + std::to_string(s.heads_q) +
                                    ") must be a multiple of Hkv (" + std::to_string(s.heads_kv) +
                                    ") for GQA/MQA");
@@ -241,12 +249,29 @@ void check_cuda_pointers(const TensorView& q, const TensorView& k, const TensorV
   if (lse) check_cuda_pointer(*lse, "lse");
 }
 
-float resolve_softmax_scale(float softmax_scale, int64_t head_dim) {
+void check_disjoint(const TensorView& out, const char* out_name, const TensorView& in,
+                    const char* in_name) {
+  if (spans_overlap(out, in))
+    throw InvalidArgument(out_name, std::string("overlaps ") + in_name +
+                                        "'s memory (an output must not alias an input)");
+}
+
+double resolve_softmax_scale(const std::optional<double>& softmax_scale, int64_t head_dim,
+                             const Device& device) {
+  if (!softmax_scale) return 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const double s = *softmax_scale;
   // The kernels mask with -inf before scaling, which needs a positive scale.
-  if (!std::isfinite(softmax_scale) || softmax_scale < 0.0f)
-    throw InvalidArgument("softmax_scale", "must be finite and >= 0 (0 selects 1/sqrt(head_dim))");
-  if (softmax_scale == 0.0f) return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  return softmax_scale;
+  if (!std::isfinite(s) || s <= 0.0)
+    throw InvalidArgument("softmax_scale", "must be finite and > 0 (leave it unset for "
+                                           "1/sqrt(head_dim)), got " + number_str(s));
+  if (device.type == DeviceType::kCUDA) {
+    const float f = static_cast<float>(s);
+    if (!(f >= std::numeric_limits<float>::min() && f <= std::numeric_limits<float>::max()))
+      throw InvalidArgument("softmax_scale", "must be a normal float32 on CUDA (between about "
+                                             "1.2e-38 and 3.4e38: the kernels scale in float32), "
+                                             "got " + number_str(s));
+  }
+  return s;
 }
 
 }  // namespace bsk::detail

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include "bsk/tensor.h"
 
@@ -30,7 +31,15 @@ void check_cuda_pointer(const TensorView& t, const char* name);
 void check_cuda_pointers(const TensorView& q, const TensorView& k, const TensorView& v,
                          const TensorView& out, const TensorView* lse);
 
-// softmax_scale: finite and >= 0; 0 selects 1/sqrt(head_dim). Returns the scale to use.
-float resolve_softmax_scale(float softmax_scale, int64_t head_dim);
+// softmax_scale: finite and > 0; std::nullopt selects 1/sqrt(head_dim). On CUDA the kernels take
+// it as float32, so it must also stay a normal float32 there (a tiny scale must not turn into 0 or
+// a denormal and a huge one into inf). Returns the scale to use.
+double resolve_softmax_scale(const std::optional<double>& softmax_scale, int64_t head_dim,
+                             const Device& device);
+
+// `out` (an output) must not share memory with `in` (an input): aliasing would let one write
+// change what another part of the computation reads.
+void check_disjoint(const TensorView& out, const char* out_name, const TensorView& in,
+                    const char* in_name);
 
 }  // namespace bsk::detail

@@ -11,14 +11,17 @@
 // runs (CPU reference calls can take a while; CUDA calls only enqueue work).
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "api/validate.h"
 #include "bsk/bsk.h"
 
 #ifndef BSK_PY_CUDA_ARCHS
@@ -144,7 +147,8 @@ void check_budget(int64_t k) {
 // ---- bound functions ----
 
 void attention_forward(const Array& q, const Array& k, const Array& v, const Array& out,
-                       const Array& lse, bool causal, float softmax_scale, std::uintptr_t stream) {
+                       const Array& lse, bool causal, std::optional<double> softmax_scale,
+                       std::uintptr_t stream) {
   const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
                         to = to_view(out, "out");
   bsk::TensorView tl;
@@ -159,8 +163,8 @@ void attention_forward(const Array& q, const Array& k, const Array& v, const Arr
 
 void sparsek_attention_forward(const Array& q, const Array& k, const Array& v, const Array& u,
                                const Array& out, const Array& lse, int64_t k_budget,
-                               int64_t window, const std::string& gate, float softmax_scale,
-                               std::uintptr_t stream) {
+                               int64_t window, const std::string& gate,
+                               std::optional<double> softmax_scale, std::uintptr_t stream) {
   const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
                         tu = to_view(u, "u"), to = to_view(out, "out");
   bsk::TensorView tl;
@@ -245,6 +249,9 @@ void sparsek_scores(const Array& x, const Array& w_score, const Array& slope, co
   for (int i = 0; i < 3; ++i)
     if (tu.shape[i] > 1 && tu.stride[i] == 0)
       throw bsk::InvalidArgument("u", "is an output and must not have a zero stride");
+  bsk::detail::check_disjoint(tu, "u", tx, "x");
+  bsk::detail::check_disjoint(tu, "u", tw, "w_score");
+  bsk::detail::check_disjoint(tu, "u", ts, "slope");
   nb::gil_scoped_release release;
   bsk::ref::sparsek_scores(tx, tw, ts, tu);
 }
@@ -283,14 +290,14 @@ NB_MODULE(_C, m) {
 
   m.def("attention_forward", &attention_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal") = false,
-        nb::arg("softmax_scale") = 0.0f, nb::arg("stream") = 0,
+        nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,
         "Dense attention forward into `out` (and `lse` unless None). BSHD q [B,Sq,Hq,D], k/v "
-        "[B,Skv,Hkv,D]; causal is bottom-right aligned; softmax_scale 0 means 1/sqrt(D). CUDA work "
-        "is queued on `stream` (a cudaStream_t as int, 0 = legacy default) and not waited for.");
+        "[B,Skv,Hkv,D]; causal is bottom-right aligned; softmax_scale None means 1/sqrt(D). CUDA "
+        "work is queued on `stream` (a cudaStream_t as int, 0 = legacy default) and not waited for.");
   m.def("sparsek_attention_forward", &sparsek_attention_forward, nb::arg("q"), nb::arg("k"),
         nb::arg("v"), nb::arg("u"), nb::arg("out"), nb::arg("lse").none(), nb::arg("k_budget"),
-        nb::arg("window"), nb::arg("gate") = "key_value", nb::arg("softmax_scale") = 0.0f,
-        nb::arg("stream") = 0,
+        nb::arg("window"), nb::arg("gate") = "key_value",
+        nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,
         "SparseK attention forward (docs/SPARSEK_SPEC.md) into `out`/`lse`: window `window` plus "
         "the `k_budget` best-scored earlier keys by u [B,Hkv,Skv] float32; gate is 'key_value', "
         "'value' or 'none'.");

@@ -65,11 +65,10 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   const int64_t B = q.shape[0], Sq = q.shape[1], Hq = q.shape[2], D = q.shape[3];
   const int64_t Skv = k.shape[1], Hkv = k.shape[2];
   assert(q.ndim == 4 && k.ndim == 4 && v.ndim == 4 && out.ndim == 4);
-  assert(Hkv >= 1 && Hq % Hkv == 0);
-  assert(params.softmax_scale != 0.0f);
   if (B == 0 || Sq == 0 || Hq == 0) return;
+  assert(Hkv >= 1 && Hq % Hkv == 0);
   const int64_t group = Hq / Hkv;
-  const double scale = static_cast<double>(params.softmax_scale);
+  const double scale = detail::softmax_scale_or_default(params.softmax_scale, D);
   const double neg_inf = -std::numeric_limits<double>::infinity();
   // Keys padded to a multiple of the key tile (zeros), queries to a multiple of the row block.
   const int64_t Skp = (Skv + kTile - 1) / kTile * kTile;
@@ -139,20 +138,37 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
             denom[r] = l;
           }
           // acc[r][:] = sum_j p[r][j] v_j in register tiles of kRowBlock rows x kTile columns,
-          // over chunks of kKeyChunk V rows (V padded to Dp columns with zeros).
+          // over chunks of kKeyChunk V rows (V padded to Dp columns with zeros). A key a row
+          // cannot see is skipped, not multiplied by p = 0: 0 * inf (or NaN) in v would be NaN,
+          // so a non-finite value at a masked key would leak into the row. Keys [0, jall) are
+          // seen by every real row of the block; past that (causal diagonals, a few keys) each
+          // row takes only its own.
+          int64_t jall = jmax;
+          for (int64_t r = 0; r < nrows; ++r) jall = std::min(jall, nvis[r]);
           std::fill(acc.begin(), acc.end(), 0.0);
           for (int64_t j0 = 0; j0 < jmax; j0 += kKeyChunk) {
             const int64_t j1 = std::min(jmax, j0 + kKeyChunk);
+            const int64_t jsplit = std::clamp(jall, j0, j1);
             for (int64_t d0 = 0; d0 < Dp; d0 += kTile) {
               Lane2 tile[kRowBlock][kTile / 2];
               for (int64_t r = 0; r < kRowBlock; ++r) {
                 tile[r][0] = load2(acc.data() + r * Dp + d0);
                 tile[r][1] = load2(acc.data() + r * Dp + d0 + 2);
               }
-              for (int64_t j = j0; j < j1; ++j) {
+              for (int64_t j = j0; j < jsplit; ++j) {
                 const double* vr = vv.data() + j * Dp + d0;
                 const Lane2 v01 = load2(vr), v23 = load2(vr + 2);
                 for (int64_t r = 0; r < kRowBlock; ++r) {
+                  const Lane2 p = splat2(sc[r * Skp + j]);
+                  tile[r][0] += p * v01;
+                  tile[r][1] += p * v23;
+                }
+              }
+              for (int64_t j = jsplit; j < j1; ++j) {
+                const double* vr = vv.data() + j * Dp + d0;
+                const Lane2 v01 = load2(vr), v23 = load2(vr + 2);
+                for (int64_t r = 0; r < nrows; ++r) {
+                  if (j >= nvis[r]) continue;
                   const Lane2 p = splat2(sc[r * Skp + j]);
                   tile[r][0] += p * v01;
                   tile[r][1] += p * v23;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 #include "bsk/tensor.h"
 
@@ -103,6 +104,12 @@ inline void load_head_rows(const TensorView& t, int64_t b, int64_t h, int64_t S,
     for (int64_t d = 0; d < D; ++d)
       dst[s * ld + d] = load_as_double(t.data, t.dtype, base + d * t.stride[3]);
   }
+}
+
+// The references take the caller's params as they are (the front doors validated them): unset
+// means 1/sqrt(D), and a set scale is used in double, unrounded.
+inline double softmax_scale_or_default(const std::optional<double>& scale, int64_t head_dim) {
+  return scale ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
 }
 
 }  // namespace bsk::ref::detail

@@ -77,6 +77,22 @@ double tau_sorted(const double* z, int64_t m, int64_t k, std::vector<double>& bp
 
 double clip01(double x) { return x <= 0.0 ? 0.0 : (x >= 1.0 ? 1.0 : x); }
 
+// tau - z_(k) for z sorted in descending order, 0 < k < m; the gate of z_j is then
+// clip01((z_j - z_(k)) - tau_rel). tau lies in [z_(k) - 1, z_(k)), so on the shifted values
+// y = z - z_(k) every breakpoint and partial sum tau depends on stays within a few units of 0,
+// where double resolves far below float32's precision. On z itself a large magnitude swallows
+// the 1 that separates the breakpoints z_r and z_r - 1 (1e17 - 1 == 1e17 in double), and ties
+// then come out as gates of 1 instead of shares of k. A shifted value is exact where it matters
+// (|y| < 2: two float32 within a factor 2 of each other subtract exactly) and rounds only where it
+// is clipped anyway.
+double tau_rel_sorted(const double* z, int64_t m, int64_t k, std::vector<double>& y,
+                      std::vector<double>& bp) {
+  const double zk = z[k - 1];
+  y.resize(static_cast<size_t>(m));
+  for (int64_t r = 0; r < m; ++r) y[r] = z[r] - zk;
+  return tau_sorted(y.data(), m, k, bp);
+}
+
 // The spec's order on candidates: j beats j' iff z_j > z_j' or (z_j == z_j' and j > j').
 struct SpecOrder {
   const float* z;
@@ -112,11 +128,12 @@ double sparsek_gates(const float* z, int64_t m, int64_t k, float* gates) {
   }
   std::vector<double> zs(z, z + m);
   std::sort(zs.begin(), zs.end(), std::greater<double>());
-  std::vector<double> bp;
-  const double tau = tau_sorted(zs.data(), m, k, bp);
+  std::vector<double> y, bp;
+  const double zk = zs[k - 1];
+  const double tau_rel = tau_rel_sorted(zs.data(), m, k, y, bp);
   for (int64_t j = 0; j < m; ++j)
-    gates[j] = static_cast<float>(clip01(static_cast<double>(z[j]) - tau));
-  return tau;
+    gates[j] = static_cast<float>(clip01((static_cast<double>(z[j]) - zk) - tau_rel));
+  return zk + tau_rel;
 }
 
 void sparsek_gates_vjp(const float* gates, const float* grad_gates, int64_t m, float* grad_z) {
@@ -154,22 +171,21 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
                                const SparseKParams& params) {
   const int64_t B = q.shape[0], Sq = q.shape[1], Hq = q.shape[2], D = q.shape[3];
   const int64_t Skv = k.shape[1], Hkv = k.shape[2];
-  assert(Hkv >= 1 && Hq % Hkv == 0);
   assert(params.k >= 0 && params.w >= 0);
-  assert(params.softmax_scale != 0.0f);
   assert(u.ndim == 3 && u.dtype == DType::kFloat32);
   if (B == 0 || Sq == 0 || Hq == 0) return;
+  assert(Hkv >= 1 && Hq % Hkv == 0);
   const int64_t group = Hq / Hkv;
   const int64_t kk = params.k, w = params.w;
   const Gate gate = params.gate;
-  const double scale = static_cast<double>(params.softmax_scale);
+  const double scale = detail::softmax_scale_or_default(params.softmax_scale, D);
 
   std::vector<double> kbuf(static_cast<size_t>(Skv * D)), vbuf(static_cast<size_t>(Skv * D));
   std::vector<double> qbuf(static_cast<size_t>(group * Sq * D));
   std::vector<float> uu(static_cast<size_t>(Skv));
   std::vector<int64_t> order;  // candidates inserted so far, in the spec's order
   std::vector<double> zs;      // their scores, same order (descending)
-  std::vector<double> bp;
+  std::vector<double> ys, bp;
   // The attended keys of the current row, with their logit and value weights.
   std::vector<int64_t> keys;
   std::vector<double> logit_w, value_w, logits, acc(static_cast<size_t>(D));
@@ -205,10 +221,13 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
           }
           const int64_t sel = std::min(kk, m);
           const bool soft = gate != Gate::kNone && m > kk;
-          const double tau = !soft ? -kInf : (kk == 0 ? kInf : tau_sorted(zs.data(), m, kk, bp));
+          // kk == 0 selects nothing, so soft gates only need a tau where 0 < kk < m.
+          const double zk = soft && kk > 0 ? zs[kk - 1] : 0.0;
+          const double tau_rel = soft && kk > 0 ? tau_rel_sorted(zs.data(), m, kk, ys, bp) : 0.0;
           for (int64_t p = 0; p < sel; ++p) {
             const int64_t j = order[p];
-            const double mj = soft ? clip01(static_cast<double>(uu[j]) - tau) : 1.0;
+            const double mj =
+                soft ? clip01((static_cast<double>(uu[j]) - zk) - tau_rel) : 1.0;
             keys.push_back(j);
             logit_w.push_back(gate == Gate::kKeyValue ? mj : 1.0);
             value_w.push_back(gate == Gate::kNone ? 1.0 : mj);

@@ -77,7 +77,7 @@ void check_case(const GpuCase& c) {
   ASSERT_NO_FATAL_FAILURE(upload(dv, v));
 
   bsk::AttentionParams p;
-  p.causal = c.causal;  // softmax_scale 0: 1/sqrt(D), resolved by the front door
+  p.causal = c.causal;  // softmax_scale unset: 1/sqrt(D), resolved by the front door
   HostTensor out = make_t(c, c.Sq, c.Hq), lse(DType::kFloat32, {c.B, c.Hq, c.Sq});
   ASSERT_NO_FATAL_FAILURE(run_gpu(c, q, k, v, dq, dk, dv, out, lse, p));
 

@@ -108,7 +108,7 @@ TEST_P(DenseRefTest, MatchesNaive) {
   bsk::TensorView lv = lse.view();
   bsk::ref::attention_forward(q.view(), k.view(), v.view(), out.view(), &lv, p);
 
-  const Naive nv = naive_attention(q, k, v, c.causal, p.softmax_scale);
+  const Naive nv = naive_attention(q, k, v, c.causal, *p.softmax_scale);
   expect_matches(out, &lse, nv);
   EXPECT_TRUE(out.gaps_untouched()) << "the reference wrote outside the out view";
   EXPECT_TRUE(lse.gaps_untouched()) << "the reference wrote outside the lse view";
@@ -157,7 +157,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, DenseRefTest, ::testing::ValuesIn(kDenseCases),
                            return info.param.name;
                          });
 
-// Front door on CPU tensors: validates, resolves softmax_scale = 0 to 1/sqrt(D), runs the
+// Front door on CPU tensors: validates, resolves an unset softmax_scale to 1/sqrt(D), runs the
 // reference.
 TEST(DenseRef, FrontDoorOnCpuUsesDefaultScale) {
   std::mt19937_64 rng(7);
@@ -192,6 +192,34 @@ TEST(DenseRef, EmptyBatchOrQueries) {
   EXPECT_NO_THROW(bsk::attention_forward(q2.view(), k2.view(), v2.view(), out2.view(), &lv, p));
 }
 
+// A non-finite K or V entry at a key that a row cannot see (causal) must not reach that row, for
+// every position of the key relative to the reference's row blocks and key tiles. P.V used to
+// multiply it by the row's probability 0, and 0 * inf is NaN.
+TEST(DenseRef, MaskedNonFiniteKeyDoesNotLeak) {
+  const int64_t S = 19, H = 1, D = 8;
+  for (int64_t j = 0; j < S; ++j) {
+    for (double bad : {std::numeric_limits<double>::infinity(), std::nan("")}) {
+      SCOPED_TRACE("key " + std::to_string(j) + " value " + std::to_string(bad));
+      std::mt19937_64 rng(5);
+      HostTensor q(DType::kFloat64, {1, S, H, D}), k(DType::kFloat64, {1, S, H, D}),
+          v(DType::kFloat64, {1, S, H, D}), clean(DType::kFloat64, {1, S, H, D}),
+          out(DType::kFloat64, {1, S, H, D});
+      q.fill_normal(rng);
+      k.fill_normal(rng);
+      v.fill_normal(rng);
+      bsk::AttentionParams p;
+      p.causal = true;
+      bsk::attention_forward(q.view(), k.view(), v.view(), clean.view(), nullptr, p);
+      v.set({0, j, 0, 2}, bad);
+      k.set({0, j, 0, 1}, bad);
+      bsk::attention_forward(q.view(), k.view(), v.view(), out.view(), nullptr, p);
+      for (int64_t t = 0; t < j; ++t)
+        for (int64_t d = 0; d < D; ++d)
+          ASSERT_EQ(out.get({0, t, 0, d}), clean.get({0, t, 0, d})) << "row " << t << " d " << d;
+    }
+  }
+}
+
 // The size the reference must handle quickly: S = 2048, D = 128, GQA 2/1, causal, fp16. Rows
 // sampled across the sequence are checked against the naive loop.
 TEST(DenseRef, LongSequenceSampledRows) {
@@ -213,7 +241,7 @@ TEST(DenseRef, LongSequenceSampledRows) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   RecordProperty("reference_seconds", std::to_string(secs));
   const std::vector<int64_t> rows = {0, 1, 2, 3, 4, 5, 127, 128, 1000, 1023, 1024, 2046, 2047};
-  const Naive nv = naive_attention(q, k, v, true, p.softmax_scale, rows);
+  const Naive nv = naive_attention(q, k, v, true, *p.softmax_scale, rows);
   expect_matches(out, &lse, nv, rows);
   // Every row written (no NaN left from the poison).
   int64_t nans = 0;

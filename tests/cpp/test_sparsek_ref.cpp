@@ -146,6 +146,53 @@ TEST(SparseKGates, AtMostKCandidatesAllOnes) {
   EXPECT_EQ(bsk::ref::sparsek_gates(z, 0, 2, nullptr), -kInf);  // no candidate at all
 }
 
+// Large tied scores: on the raw values 1e17 - 1 == 1e17 in double, which used to collapse the
+// breakpoints z and z - 1 and give every tie a gate of 1. Gates depend only on differences, so
+// they must come out as for small values, whatever the magnitude.
+TEST(SparseKGates, LargeTiedScores) {
+  for (float big : {1e12f, 1e17f, 3e38f, -1e17f}) {
+    SCOPED_TRACE("big=" + std::to_string(big));
+    const std::vector<float> z = {big, big, std::nextafter(big, -kInf) - std::abs(big) * 0.5f};
+    std::vector<float> gates(3);
+    bsk::ref::sparsek_gates(z.data(), 3, 1, gates.data());
+    EXPECT_EQ(gates[0], 0.5f);
+    EXPECT_EQ(gates[1], 0.5f);
+    EXPECT_EQ(gates[2], 0.0f);
+    // 1000 ties, k = 10: every gate is 1/100 and they sum to k.
+    const std::vector<float> ties(1000, big);
+    std::vector<float> g(1000);
+    bsk::ref::sparsek_gates(ties.data(), 1000, 10, g.data());
+    double sum = 0.0;
+    for (float x : g) {
+      EXPECT_NEAR(x, 0.01, 1e-7);
+      sum += x;
+    }
+    EXPECT_NEAR(sum, 10.0, 1e-4);
+  }
+}
+
+// Scores shifted by a large constant (2^60, where the float32 ulp is 2^37 and the scores below
+// are multiples of it, so the shifted values are exact) give the same gates as unshifted.
+TEST(SparseKGates, ShiftInvariantAtLargeMagnitude) {
+  std::mt19937_64 rng(17);
+  std::uniform_int_distribution<int> pick(-6, 6);
+  const float shift = 0x1p60f;
+  for (int trial = 0; trial < 50; ++trial) {
+    const int64_t m = 2 + trial % 30, k = 1 + trial % (m - 1);
+    std::vector<float> small(static_cast<size_t>(m)), big(static_cast<size_t>(m));
+    for (int64_t j = 0; j < m; ++j) {
+      small[j] = static_cast<float>(pick(rng)) * 0x1p37f;
+      big[j] = shift + small[j];
+      ASSERT_EQ(static_cast<double>(big[j]), 0x1p60 + static_cast<double>(small[j]));
+    }
+    std::vector<float> g_big(static_cast<size_t>(m)), g_small(static_cast<size_t>(m));
+    bsk::ref::sparsek_gates(big.data(), m, k, g_big.data());
+    bsk::ref::sparsek_gates(small.data(), m, k, g_small.data());
+    for (int64_t j = 0; j < m; ++j)
+      EXPECT_EQ(g_big[j], g_small[j]) << "trial " << trial << " j " << j;
+  }
+}
+
 TEST(SparseKGates, KZeroAllZeros) {
   const float z[] = {0.3f, -2.0f, 5.0f, 5.0f};
   float g[4] = {-1, -1, -1, -1};
@@ -588,7 +635,7 @@ TEST(SparseKAttention, LongSequenceSampledRows) {
   EXPECT_EQ(nans, 0);
 }
 
-// The front door validates, resolves softmax_scale = 0 to 1/sqrt(D) and runs the reference.
+// The front door validates, resolves an unset softmax_scale to 1/sqrt(D) and runs the reference.
 TEST(SparseKAttention, FrontDoorOnCpu) {
   Problem p = make_problem(31, DType::kFloat32, 2, 37, 45, 4, 2, 64);
   bsk::SparseKParams sp;
@@ -599,6 +646,33 @@ TEST(SparseKAttention, FrontDoorOnCpu) {
                                  sp);
   expect_matches(p.out, &p.lse,
                  naive_sparsek(p.q, p.k, p.v, p.u, 5, 7, Gate::kKeyValue, 1.0 / 8.0));
+}
+
+// A non-finite K or V entry at a key a row does not attend (outside its causal range, or a
+// candidate that is not selected) must not reach that row.
+TEST(SparseKAttention, UnattendedNonFiniteKeyDoesNotLeak) {
+  const int64_t S = 24, j = 5, kk = 1, w = 2;
+  for (Gate gate : {Gate::kKeyValue, Gate::kValue, Gate::kNone}) {
+    SCOPED_TRACE(bsk::gate_name(gate));
+    Problem clean = make_problem(77, DType::kFloat32, 1, S, S, 2, 1, 16);
+    clean.u.set({0, 0, j}, -100.0);  // the lowest score: never selected while others compete
+    run_ref(clean, kk, w, gate, 0.25f);
+    Problem bad = make_problem(77, DType::kFloat32, 1, S, S, 2, 1, 16);
+    bad.u.set({0, 0, j}, -100.0);
+    bad.v.set({0, j, 0, 3}, kInf);
+    bad.v.set({0, j, 0, 4}, std::nan(""));
+    bad.k.set({0, j, 0, 0}, -kInf);
+    run_ref(bad, kk, w, gate, 0.25f);
+    for (int64_t t = 0; t < S; ++t) {
+      if (t >= j && t < j + w) continue;  // j is in these rows' window
+      for (int64_t h = 0; h < 2; ++h) {
+        for (int64_t d = 0; d < 16; ++d)
+          ASSERT_EQ(bad.out.get({0, t, h, d}), clean.out.get({0, t, h, d}))
+              << "row " << t << " head " << h << " d " << d;
+        ASSERT_EQ(bad.lse.get({0, h, t}), clean.lse.get({0, h, t})) << "row " << t;
+      }
+    }
+  }
 }
 
 // ---- sparsek_scores ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <vector>
+#include <algorithm>
 #include <string>
 
 #include "test_util.h"
@@ -207,13 +209,20 @@ TEST_F(Validation, HeadsNotAMultiple) {
   EXPECT_BOTH_INVALID("k", "must be a multiple of Hkv");
 }
 
+// One rule for every count: B, Sq, Skv, Hq and Hkv may each be 0 (an empty problem); only the
+// GQA rule ties Hq to Hkv.
 TEST_F(Validation, ZeroHeads) {
   k.shape[2] = v.shape[2] = 0;
-  EXPECT_BOTH_INVALID("k", "head count Hkv must be >= 1");
-  k.shape[2] = v.shape[2] = Hkv;
+  u.shape[1] = 0;
+  EXPECT_BOTH_INVALID("k", "Hkv == 0 needs Hq == 0");
   q.shape[2] = out.shape[2] = 0;
   lse.shape[1] = 0;
-  EXPECT_BOTH_INVALID("q", "head count Hq must be >= 1");
+  EXPECT_NO_THROW(dense());
+  EXPECT_NO_THROW(sparse());
+  k.shape[2] = v.shape[2] = Hkv;
+  u.shape[1] = Hkv;
+  EXPECT_NO_THROW(dense());
+  EXPECT_NO_THROW(sparse());
 }
 
 TEST_F(Validation, ZeroHeadDim) {
@@ -315,18 +324,33 @@ TEST_F(Validation, HeadDimTooLargeOnCpu) {
       bsk::attention_forward(a2.view(), b2.view(), c2.view(), o2.view(), nullptr, ap));
 }
 
-TEST_F(Validation, SoftmaxScaleNotFinite) {
-  for (float s : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
-                  -std::numeric_limits<float>::infinity()}) {
-    ap.softmax_scale = s;
-    sp.softmax_scale = s;
-    EXPECT_BOTH_INVALID("softmax_scale", "must be finite");
+TEST_F(Validation, SoftmaxScaleMustBeFiniteAndPositive) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  for (double s : {std::numeric_limits<double>::quiet_NaN(), kInf, -kInf, 0.0, -0.0, -0.25}) {
+    ap.softmax_scale = sp.softmax_scale = s;
+    EXPECT_BOTH_INVALID("softmax_scale", "must be finite and > 0");
   }
-  ap.softmax_scale = sp.softmax_scale = -0.25f;  // the kernels mask before scaling: needs >= 0
-  EXPECT_BOTH_INVALID("softmax_scale", "must be finite and >= 0");
-  ap.softmax_scale = sp.softmax_scale = 0.25f;
-  EXPECT_NO_THROW(dense());
-  EXPECT_NO_THROW(sparse());
+  // The CPU reference takes the scale in double: no float32 range applies.
+  for (double s : {0.25, 1e-45, 1e-300, 1e39}) {
+    ap.softmax_scale = sp.softmax_scale = s;
+    EXPECT_NO_THROW(dense());
+    EXPECT_NO_THROW(sparse());
+  }
+}
+
+// A tiny scale used to travel as float32, where it became 0, which meant "default": the result
+// was silently computed with 1/sqrt(D) instead. It must be used as given.
+TEST_F(Validation, TinySoftmaxScaleIsNotTheDefault) {
+  ap.softmax_scale = 1e-46;
+  dense();
+  std::vector<double> tiny(static_cast<size_t>(out.numel()));
+  for (int64_t i = 0; i < out.numel(); ++i) tiny[i] = static_cast<float*>(out.data)[i];
+  ap.softmax_scale.reset();
+  dense();
+  double max_diff = 0.0;
+  for (int64_t i = 0; i < out.numel(); ++i)
+    max_diff = std::max(max_diff, std::abs(tiny[i] - static_cast<float*>(out.data)[i]));
+  EXPECT_GT(max_diff, 1e-3) << "softmax_scale 1e-46 gave the default scale's output";
 }
 
 // ---- CUDA-marked tensors: rejected before any CUDA call, so these run without a GPU ----------
@@ -369,6 +393,34 @@ TEST_F(CudaMarkedValidation, GridLimits) {
   O.stride[0] = 16 * 2 * 64;
   EXPECT_INVALID(bsk::attention_forward(Q, K, V, O, nullptr, ap), "q",
                  "batch size and head count must each be <= 65535 on CUDA");
+}
+
+// The CUDA kernels scale in float32: a scale that would become 0, a denormal or inf there is
+// refused rather than changed.
+TEST_F(CudaMarkedValidation, SoftmaxScaleMustFitFloat32OnCuda) {
+  HostTensor a(DType::kFloat16, {1, 16, 2, 64}), b(DType::kFloat16, {1, 16, 2, 64}),
+      c(DType::kFloat16, {1, 16, 2, 64}), o(DType::kFloat16, {1, 16, 2, 64});
+  const TensorView Q = a.view(kCuda0), K = b.view(kCuda0), V = c.view(kCuda0),
+                   O = o.view(kCuda0);
+  HostTensor cu(DType::kFloat32, {1, 2, 16});
+  for (double s : {1e-45, 1e-39, 1e39}) {
+    ap.softmax_scale = sp.softmax_scale = s;
+    EXPECT_INVALID(bsk::attention_forward(Q, K, V, O, nullptr, ap), "softmax_scale",
+                   "must be a normal float32 on CUDA");
+    EXPECT_INVALID(bsk::sparsek_attention_forward(Q, K, V, cu.view(kCuda0), O, nullptr, sp),
+                   "softmax_scale", "must be a normal float32 on CUDA");
+  }
+}
+
+TEST_F(Validation, SparseKOutputsMustNotOverlapScores) {
+  // u placed inside each output's own buffer (u is the smaller one).
+  TensorView uu = u;
+  uu.data = hout.view().data;
+  EXPECT_INVALID(bsk::sparsek_attention_forward(q, k, v, uu, out, &lse, sp), "out",
+                 "overlaps u's memory");
+  uu.data = hlse.view().data;
+  EXPECT_INVALID(bsk::sparsek_attention_forward(q, k, v, uu, out, &lse, sp), "lse",
+                 "overlaps u's memory");
 }
 
 TEST_F(Validation, OutputsMustNotOverlapInputs) {

@@ -240,9 +240,9 @@ def test_misaligned_inputs_are_copied():
     # The binding itself keeps the rule: such views reach it only through the ops' copy.
     o = torch.empty_like(v)
     with pytest.raises(ValueError, match=r"argument 'q'.*16-byte"):
-        _C.attention_forward(dl(q_off), dl(v), dl(v), dl(o), None, False, 0.0, 0)
+        _C.attention_forward(dl(q_off), dl(v), dl(v), dl(o), None, False, None, 0)
     with pytest.raises(ValueError, match=r"argument 'k'.*multiples of 8"):
-        _C.attention_forward(dl(v), dl(k_str), dl(v), dl(o), None, False, 0.0, 0)
+        _C.attention_forward(dl(v), dl(k_str), dl(v), dl(o), None, False, None, 0)
 
 
 def test_bad_cuda_inputs_raise_value_error():
@@ -262,7 +262,7 @@ def test_bad_cuda_inputs_raise_value_error():
         bsk.attention(x, q, q)
     with pytest.raises(ValueError, match=r"argument 'lse'.*shape"):
         _C.attention_forward(dl(q), dl(q), dl(q), dl(torch.empty_like(q)),
-                             dl(torch.empty(1, 16, 2, device="cuda")), False, 0.0, 0)
+                             dl(torch.empty(1, 16, 2, device="cuda")), False, None, 0)
 
 
 def test_opcheck_cuda():

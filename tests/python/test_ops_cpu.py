@@ -23,13 +23,8 @@ ATOL = {torch.float16: 2.0**-24, torch.bfloat16: 1e-12, torch.float32: 1e-12, to
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
-def f32(x):
-    """The library takes softmax_scale as float32."""
-    return float(torch.tensor(x, dtype=torch.float32))
-
-
 def default_scale(d):
-    return f32(1.0 / math.sqrt(d))
+    return 1.0 / math.sqrt(d)
 
 
 def make(shape, dtype, seed):
@@ -40,7 +35,7 @@ def make(shape, dtype, seed):
 def check(out, lse, q, k, v, causal=False, scale=None, mask=None):
     d = q.shape[-1]
     ref_out, ref_lse = ref_attention(q, k, v, causal=causal,
-                                     scale=default_scale(d) if scale is None else f32(scale),
+                                     scale=default_scale(d) if scale is None else scale,
                                      mask=mask)
     assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
@@ -94,9 +89,9 @@ def test_softmax_scale():
     q, k, v = (make((2, 7, 2, 32), torch.float64, s) for s in (7, 8, 9))
     out, lse = bsk.attention(q, k, v, causal=True, softmax_scale=0.3, return_lse=True)
     check(out, lse, q, k, v, causal=True, scale=0.3)
-    # A scale of 0 means the default 1/sqrt(D), as in the C++ API.
-    out0 = bsk.attention(q, k, v, softmax_scale=0.0)
-    torch.testing.assert_close(out0, bsk.attention(q, k, v), rtol=0, atol=0)
+    # The default is None, spelled out: 0 is not a way to ask for it (it is refused).
+    with pytest.raises(ValueError, match=r"argument 'softmax_scale'.*finite and > 0"):
+        bsk.attention(q, k, v, softmax_scale=0.0)
 
 
 def test_non_contiguous_inputs():
@@ -129,9 +124,10 @@ def test_empty_batch():
     assert out.shape == (0, 4, 2, 16) and lse.shape == (0, 2, 4)
 
 
-def test_requires_grad_inputs_run_forward():
+def test_requires_grad_inputs_run_forward_without_grad_mode():
     q = make((1, 4, 2, 16), torch.float32, 16).requires_grad_()
-    out = bsk.attention(q, q.detach(), q.detach())
+    with torch.no_grad():
+        out = bsk.attention(q, q.detach(), q.detach())
     ref, _ = ref_attention(q, q, q, scale=default_scale(16))
     torch.testing.assert_close(out.double(), ref, rtol=RTOL[torch.float32], atol=1e-9)
 
@@ -158,7 +154,7 @@ def test_sdpa_gqa_scale_and_layout():
     v = make((1, 2, 9, 16), torch.float32, 25)
     out = bsk.sdpa(q, k, v, is_causal=True, scale=0.5, enable_gqa=True)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
-                                         scale=f32(0.5), enable_gqa=True)
+                                         scale=0.5, enable_gqa=True)
     torch.testing.assert_close(out.double(), ref, rtol=RTOL[torch.float32], atol=1e-9)
     # Returned as a BHSD view of a contiguous BSHD buffer (no copy back).
     assert out.transpose(1, 2).is_contiguous()
@@ -237,17 +233,17 @@ def test_error_direct_binding():
     q, k, v = _qkv()
     out = torch.empty_like(q)
     with pytest.raises(ValueError, match=r"argument 'out'.*shape of q"):
-        _C.attention_forward(dl(q), dl(k), dl(v), dl(out[:, :2]), None, False, 0.0, 0)
+        _C.attention_forward(dl(q), dl(k), dl(v), dl(out[:, :2]), None, False, None, 0)
     with pytest.raises(ValueError, match=r"argument 'out'.*zero stride"):
         _C.attention_forward(dl(q), dl(k), dl(v), dl(torch.empty(16).expand(1, 4, 2, 16)),
-                             None, False, 0.0, 0)
+                             None, False, None, 0)
     with pytest.raises(ValueError, match=r"argument 'lse'.*float32"):
         _C.attention_forward(dl(q), dl(k), dl(v), dl(out), dl(torch.empty(1, 2, 4).double()),
-                             False, 0.0, 0)
+                             False, None, 0)
     with pytest.raises(ValueError, match=r"argument 'lse'.*shape"):
-        _C.attention_forward(dl(q), dl(k), dl(v), dl(out), dl(torch.empty(1, 4, 2)), False, 0.0, 0)
+        _C.attention_forward(dl(q), dl(k), dl(v), dl(out), dl(torch.empty(1, 4, 2)), False, None, 0)
     # lse=None is allowed; tensors with __dlpack__ are accepted as well as capsules.
-    _C.attention_forward(q, k, v, out, None, False, 0.0, 0)
+    _C.attention_forward(q, k, v, out, None, False, None, 0)
     ref, _ = ref_attention(q, k, v, scale=default_scale(16))
     torch.testing.assert_close(out.double(), ref, rtol=RTOL[torch.float32], atol=1e-9)
 
@@ -297,13 +293,13 @@ def test_error_device_translation():
     oc = _foreign_capsule(torch.empty_like(q), 2, 0, keep)
     err = NotImplementedError if not torch.cuda.is_available() else ValueError
     with pytest.raises(err, match=r"\bq\b.*(CUDA|host memory)"):
-        _C.attention_forward(qc, kc, vc, oc, None, False, 0.0, 0)
+        _C.attention_forward(qc, kc, vc, oc, None, False, None, 0)
     with pytest.raises(ValueError, match=r"argument 'k'.*same device as q \(cuda:0\), got cpu"):
         _C.attention_forward(_foreign_capsule(q, 2, 0, keep), dl(q), dl(q), dl(q.clone()),
-                             None, False, 0.0, 0)
+                             None, False, None, 0)
     with pytest.raises(ValueError, match=r"argument 'q'.*DLPack device type 3"):
         _C.attention_forward(_foreign_capsule(q, 3, 0, keep), dl(q), dl(q), dl(q.clone()),
-                             None, False, 0.0, 0)
+                             None, False, None, 0)
 
 
 def test_error_mapping_keeps_message():

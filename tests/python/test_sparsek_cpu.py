@@ -1,91 +1,18 @@
 """SparseK on the CPU: blackwell_sparsek.reference helpers and sparsek_attention against
-docs/SPARSEK_SPEC.md, re-implemented here in plain torch float64 (slow loops, tiny shapes)."""
-
-import math
+docs/SPARSEK_SPEC.md, re-implemented in plain torch float64 (slow loops, tiny shapes; the oracles
+live in conftest.py, shared with the fuzz suite)."""
 
 import pytest
 import torch
 
 import blackwell_sparsek as bsk
 from blackwell_sparsek import reference as ref
-from conftest import ref_attention
-
-INF = float("inf")
-
-
-def f32(x):
-    return float(torch.tensor(x, dtype=torch.float32))
+from conftest import INF, gates_bisect, ref_attention, sparsek_oracle, spec_order
 
 
 def make(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-# ---- independent oracles -----------------------------------------------------------------------
-
-
-def gates_bisect(z, k):
-    """SPARSEK gates of 1-D z by bisection on tau in float64 (independent of the closed form)."""
-    z = z.double()
-    m = z.numel()
-    if m <= k:
-        return torch.ones_like(z)
-    if k == 0:
-        return torch.zeros_like(z)
-    lo, hi = z.min().item() - 1.0, z.max().item()  # f(lo) = m > k, f(hi) = 0 < k
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if (z - mid).clamp(0, 1).sum().item() > k:
-            lo = mid
-        else:
-            hi = mid
-    return (z - hi).clamp(0, 1)
-
-
-def spec_order(u, idx):
-    """idx sorted by the spec's order: larger u first, ties toward the larger index."""
-    return sorted(idx, key=lambda j: (-float(u[j]), -j))
-
-
-def sparsek_oracle(q, k, v, u, kb, w, gate, scale=None):
-    """SparseK attention straight from the spec, one query row at a time. float64 [B,Sq,Hq,D]."""
-    q, k, v = (t.double() for t in (q, k, v))
-    B, Sq, Hq, D = q.shape
-    Skv, Hkv = k.shape[1], k.shape[2]
-    scale = f32(1.0 / math.sqrt(D)) if scale is None else f32(scale)
-    out = torch.zeros(B, Sq, Hq, D, dtype=torch.float64)
-    lse = torch.full((B, Hq, Sq), -INF, dtype=torch.float64)
-    for b in range(B):
-        for h in range(Hq):
-            g = h // (Hq // Hkv)
-            ub = u[b, g]
-            for t in range(Sq):
-                i = Skv - Sq + t
-                if i < 0:
-                    continue
-                window = list(range(max(0, i - w + 1), i + 1))
-                cands = list(range(0, i - w + 1))
-                sel = spec_order(ub, cands)[:min(kb, len(cands))]
-                m = gates_bisect(ub[cands], kb) if cands else torch.zeros(0, dtype=torch.float64)
-                gate_of = {j: m[n].item() for n, j in enumerate(cands)}
-                logits, weights, rows = [], [], []
-                for j in window + sel:
-                    s = scale * torch.dot(q[b, t, h], k[b, j, g]).item()
-                    if j in window or gate == "none":
-                        lj, gj = s, 1.0
-                    elif gate == "value":
-                        lj, gj = s, gate_of[j]
-                    else:  # key_value
-                        lj, gj = gate_of[j] * s, gate_of[j]
-                    logits.append(lj)
-                    weights.append(gj)
-                    rows.append(v[b, j, g])
-                lt = torch.tensor(logits, dtype=torch.float64)
-                p = torch.softmax(lt, 0) * torch.tensor(weights, dtype=torch.float64)
-                out[b, t, h] = (p.unsqueeze(1) * torch.stack(rows)).sum(0)
-                lse[b, h, t] = torch.logsumexp(lt, 0)
-    return out, lse
 
 
 def window_mask(sq, skv, w):
@@ -232,7 +159,7 @@ def test_k0_is_sliding_window(sq, skv, w):
     v = make((2, skv, 2, 16), torch.float64, 15)
     u = make((2, 2, skv), torch.float32, 16)
     out, lse = bsk.sparsek_attention(q, k, v, u, 0, w, return_lse=True)
-    eo, el = ref_attention(q, k, v, scale=f32(0.25), mask=window_mask(sq, skv, w))
+    eo, el = ref_attention(q, k, v, scale=0.25, mask=window_mask(sq, skv, w))
     torch.testing.assert_close(out, eo, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(lse.double(), el, rtol=2.0**-22, atol=1e-6)
 
@@ -244,7 +171,7 @@ def test_w0_full_budget_hard_gate_is_causal(sq, skv):
     v = make((1, skv, 4, 16), torch.float64, 19)
     u = make((1, 4, skv), torch.float32, 20)
     out, lse = bsk.sparsek_attention(q, k, v, u, skv, 0, gate="none", return_lse=True)
-    eo, el = ref_attention(q, k, v, causal=True, scale=f32(0.25))
+    eo, el = ref_attention(q, k, v, causal=True, scale=0.25)
     torch.testing.assert_close(out, eo, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(lse.double(), el, rtol=2.0**-22, atol=1e-6)
     dense, dlse = bsk.attention(q, k, v, causal=True, return_lse=True)
@@ -261,7 +188,7 @@ def test_reference_module_float64():
     torch.testing.assert_close(out, eo, rtol=1e-9, atol=1e-9)
     out, lse = ref.attention(q, q, q, causal=True, return_lse=True)
     assert out.dtype == torch.float64 and lse.dtype == torch.float32
-    eo, el = ref_attention(q, q, q, causal=True, scale=f32(0.25))
+    eo, el = ref_attention(q, q, q, causal=True, scale=0.25)
     torch.testing.assert_close(out, eo, rtol=1e-9, atol=1e-9)
 
 
@@ -271,11 +198,12 @@ def test_reference_module_float64():
 def test_sparsek_errors():
     q = make((1, 6, 2, 16), torch.float32, 23)
     u = torch.zeros(1, 2, 6)
-    with pytest.raises(ValueError, match=r"argument 'k'.*budget"):
+    # The budget and window are named as this API names them (k is the key tensor here).
+    with pytest.raises(ValueError, match=r"argument 'k_budget'.*budget must be >= 0"):
         bsk.sparsek_attention(q, q, q, u, -1, 2)
-    with pytest.raises(ValueError, match=r"argument 'w'"):
+    with pytest.raises(ValueError, match=r"argument 'window'.*>= 0"):
         bsk.sparsek_attention(q, q, q, u, 2, -1)
-    with pytest.raises(ValueError, match=r"argument 'k'.*w == 0"):
+    with pytest.raises(ValueError, match=r"argument 'k_budget'.*window == 0"):
         bsk.sparsek_attention(q, q, q, u, 0, 0)
     with pytest.raises(ValueError, match=r"argument 'gate'.*'topk'"):
         bsk.sparsek_attention(q, q, q, u, 2, 2, gate="topk")
