@@ -97,6 +97,7 @@ struct SelectParams {
 
 constexpr int kSelectThreads = 256;
 constexpr int kItems = 16;  // consecutive positions per thread in block_compact
+constexpr int kBisect = 14;  // bisection steps for a chunk's first tau
 
 // How the candidate counts m in [k + 1, m_max] are cut into chunks, one per block. With random
 // scores the cursors travel about n * k / m^2 sorted positions per step of m, so the walk is
@@ -161,6 +162,7 @@ __device__ __forceinline__ int block_compact(int n, int limit, Keep&& keep, Emit
 // The walk's state at the first m of a chunk, found by select_init_kernel.
 struct ChunkState {
   double ref;    // the anchor: the threshold score at m_begin; values below are relative to it
+  double tau0;   // a lower bound of tau at m_begin, within 2^-kBisect of it
   double band;   // sum over active keys in the band of (u - ref)
   long long U, W;
   int ck, pa, pe;  // threshold position; first positions with u < tau + 1 and with u <= tau
@@ -200,21 +202,45 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
   st.ck = s_pos;  // exists: m > k keys are active
   st.ref = su[st.ck];
 
-  // Band edges at tau = thr - 1 (f(thr - 1) >= k): pa = first position with u < thr (saturated
-  // above), pe = first with u <= thr - 1; then U, W and the band sum among active keys.
+  // tau lies in [thr - 1, thr). Bisect it to within 2^-kBisect in parallel, so the walk starts
+  // right below it: starting at thr - 1 instead, one thread would cross every breakpoint of the
+  // band one at a time (thousands at long lengths). f(t) = #active keys with u >= thr + 1 plus the
+  // clipped sum over the active keys with thr - 1 < u < thr + 1 (positions [p_hi, p_lo)).
+  // Then pa = first position with u < tau0 + 1, pe = first with u <= tau0, and U, W and the band
+  // sum among active keys at tau0 (values relative to ref = thr).
   if (p.soft) {
-    int lo = st.ck, hi = p.n;  // first position in [ck, n) with su < ref
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (static_cast<double>(su[mid]) < st.ref) hi = mid; else lo = mid + 1;
+    // First position at or after lo whose u - ref is below `bound` (or at it, if inclusive),
+    // in the walk's own relative arithmetic.
+    auto first_below = [&](int lo, double bound, bool inclusive) {  // su descending
+      int hi = p.n;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        const double x = static_cast<double>(su[mid]) - st.ref;
+        if (inclusive ? x <= bound : x < bound) hi = mid; else lo = mid + 1;
+      }
+      return lo;
+    };
+    const int p_hi = first_below(0, 1.0, false);
+    const int p_lo = first_below(p_hi, -1.0, true);
+    int above = 0;
+    for (int pos = threadIdx.x; pos < p_hi; pos += kSelectThreads) above += sj[pos] < m;
+    const double base = ReduceI(tmp.ri).Sum(above);
+    __shared__ double s_f;
+    double lo = -1.0, hi = 0.0;  // f(lo) >= k > f(hi), relative to ref
+    for (int it = 0; it < kBisect; ++it) {
+      const double mid = 0.5 * (lo + hi);
+      double part = 0.0;
+      for (int pos = p_hi + threadIdx.x; pos < p_lo; pos += kSelectThreads)
+        if (sj[pos] < m) part += fmin(fmax(static_cast<double>(su[pos]) - st.ref - mid, 0.0), 1.0);
+      __syncthreads();
+      const double f = ReduceD(tmp.rd).Sum(part);
+      if (threadIdx.x == 0) s_f = f + base;
+      __syncthreads();
+      if (s_f >= p.k) lo = mid; else hi = mid;
     }
-    st.pa = lo;
-    hi = p.n;
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (static_cast<double>(su[mid]) <= st.ref - 1.0) hi = mid; else lo = mid + 1;
-    }
-    st.pe = lo;
+    st.tau0 = lo;
+    st.pa = first_below(0, lo + 1.0, false);
+    st.pe = first_below(st.pa, lo, true);
     int u_part = 0, w_part = 0;
     double b_part = 0.0;
 #pragma unroll 4
@@ -225,6 +251,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
       u_part += active && pos < st.pa;
       b_part += active && pos >= st.pa ? x : 0.0;
     }
+    __syncthreads();
     st.U = ReduceI(tmp.ri).Sum(u_part);
     __syncthreads();
     st.W = ReduceI(tmp.ri).Sum(w_part);
@@ -252,14 +279,14 @@ __global__ void __launch_bounds__(64) select_walk_kernel(const SelectParams p,
   long long U = st.U, W = st.W;
   double band = st.band;
 
-  double tau = -1.0;  // relative to ref; f(tau) >= k holds here and after every activation
+  double tau = st.tau0;  // relative to ref; f(tau) >= k holds here and after every activation
   for (int m = st.m_begin; m < st.m_end; ++m) {
     if (p.soft) {
       // Raise tau breakpoint by breakpoint until f falls to k: exits at u (the key leaves the
       // band), un-saturations at u - 1 (the key enters the band from above).
       for (;;) {
         const double ze = pe > 0 ? static_cast<double>(su[pe - 1]) - ref : INFINITY;
-        const double za = pa > 0 ? static_cast<double>(su[pa - 1]) - 1.0 - ref : INFINITY;
+        const double za = pa > 0 ? (static_cast<double>(su[pa - 1]) - ref) - 1.0 : INFINITY;
         const double tn = fmin(ze, za);
         if (tn == INFINITY) break;  // unreachable with k < m; keeps the loop finite regardless
         const double fn = static_cast<double>(U) + band - static_cast<double>(W - U) * tn;
