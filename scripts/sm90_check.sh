@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call for the Hopper dense kernel: build (sm_90a only, the C++ tests and the tuning
 # harness), the C++ dense GPU tests on both kernel families, compute-sanitizer memcheck and
-# racecheck on the sm90 cases, then bsk_dense_tune (float64 CPU check + sm80 vs sm90 timings).
+# racecheck on the sm90 cases (last: the slowest), bsk_dense_tune (float64 CPU check + sm80 vs
+# sm90 timings) before them.
 # Logs under $OUT (default build/sm90_check); a short table last.
 # Env: BSK_WHEELS, BSK_GTEST_SOURCE_DIR as for gpu_check.sh; SM90_SKIP_SANITIZER=1 skips the
 # sanitizer steps.
@@ -28,13 +29,13 @@ step configure cmake -S . -B $b -G Ninja -DBSK_CUDA_ARCHS=90a -DBSK_BUILD_TESTS=
   -DBSK_BUILD_TUNING=ON -DBSK_CUTLASS_INCLUDE_DIR="$inc" ${BSK_GTEST_SOURCE_DIR:+-DBSK_GTEST_SOURCE_DIR=$BSK_GTEST_SOURCE_DIR}
 step build cmake --build $b --target bsk_tests bsk_dense_tune -j 16
 step tests $b/tests/cpp/bsk_tests --gtest_filter='*DenseGpu*'
+step tune $b/bsk_dense_tune paths
 if [ "${SM90_SKIP_SANITIZER:-0}" != 1 ]; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $b/tests/cpp/bsk_tests \
     --gtest_filter='*DenseGpuTest*_sm90'
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $b/tests/cpp/bsk_tests \
     --gtest_filter='*DenseGpuTest*/Seed*_sm90:*DenseGpuTest*/S17*_sm90:*DenseGpuTest*/D128*_sm90'
 fi
-step tune $b/bsk_dense_tune paths
 echo
 echo "================ summary ================"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"

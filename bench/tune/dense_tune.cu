@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "dispatch/dense_fwd_launch.cuh"
+#include "dispatch/dense_fwd_sm90_launch.cuh"
 
 using namespace bsk;
 using namespace bsk::detail;
@@ -264,6 +265,35 @@ void compare_paths(const Case& c, DType dt) {
               ms90, tf / (ms80 * 1e-3), tf / (ms90 * 1e-3), ms80 / ms90, ms90 * 1e3 / c.hq, diff);
 }
 
+// sm90 configurations (keys per block, stages) beside the shipped one, on one case.
+template <class Cfg, typename Elem>
+void sm90_variant(const char* label, const Case& c, Buffers<Elem>& buf) {
+  BSK_CUDA_CHECK(cudaMemset(buf.out, 0xff, buf.nq * sizeof(Elem)));
+  const int batch = c.s <= 1024 ? 10 : 1;
+  const float ms = median_ms([&] {
+                     for (int i = 0; i < batch; ++i) launch_dense_fwd_sm90<Cfg>(buf.args, nullptr);
+                   }) /
+                   batch;
+  BSK_CUDA_CHECK(cudaDeviceSynchronize());
+  const float diff = max_abs_diff(buf.out, buf.ref, buf.nq);
+  std::printf("| %-34s | %-22s | %8.4f | %7.1f | %9.2e |\n", c.name, label, ms,
+              flops(c) / (ms * 1e-3) / 1e12, diff);
+}
+
+template <typename Elem, int D>
+void sm90_variants(const Case& c, DType dt) {
+  using CE = typename CuteElem<Elem>::type;
+  using kernels::sm90::Config;
+  Buffers<Elem> buf(c, dt);
+  DenseFwdArgs a = buf.args;
+  a.out = buf.ref;
+  run_path<Elem>(DensePath::kSm80, a);  // reference output: the sm80 kernel
+  sm90_variant<Config<CE, D, 128, 2>>("BN 128, 2 stages (shipped)", c, buf);
+  sm90_variant<Config<CE, D, 64, 3>>("BN 64, 3 stages", c, buf);
+  if constexpr (D == 64) sm90_variant<Config<CE, D, 128, 3>>("BN 128, 3 stages", c, buf);
+  if constexpr (D == 128) sm90_variant<Config<CE, D, 96, 2>>("BN 96, 2 stages", c, buf);
+}
+
 int paths() {
   if (!dense_sm90_available(0)) {
     std::printf("sm90 kernel not available on this GPU/binary; paths skipped\n");
@@ -295,6 +325,13 @@ int paths() {
         compare_paths<__nv_bfloat16>(Case{names[ni++], 32768 / s, s, 32, hkv, 128, causal},
                                      DType::kBFloat16);
       }
+  std::printf("\n| case | sm90 config | ms | TFLOP/s | max|diff| vs sm80 |\n|---|---|---:|---:|---:|\n");
+  sm90_variants<__half, 64>(Case{"seed B16 S512 H96 D64 fp16", 16, 512, 96, 96, 64, false},
+                            DType::kFloat16);
+  sm90_variants<__nv_bfloat16, 128>(Case{"long B8 S4096 32/8 D128", 8, 4096, 32, 8, 128, false},
+                                    DType::kBFloat16);
+  sm90_variants<__nv_bfloat16, 128>(
+      Case{"long B2 S16384 32/8 D128 causal", 2, 16384, 32, 8, 128, true}, DType::kBFloat16);
   set_dense_path_override(DensePath::kAuto);
   return ok ? 0 : 1;
 }

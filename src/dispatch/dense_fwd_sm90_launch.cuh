@@ -2,6 +2,7 @@
 // shared-memory opt-in, the grid. Shared by the dispatcher and the tuning harness (bench/tune).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -33,7 +34,10 @@ inline bool tma_describable(const void* ptr, const int64_t stride[3], const int6
 inline bool sm90_supports(const DenseFwdArgs& a) {
   const int64_t qsz[3] = {a.batch, a.seqlen_q, a.heads_q};
   const int64_t ksz[3] = {a.batch, a.seqlen_k, a.heads_kv};
-  return (a.head_dim == 64 || a.head_dim == 128) && tma_describable(a.q, a.q_stride, qsz) &&
+  // The persistent scheduler counts tiles of 128 query rows in an int.
+  const int64_t tiles = (int64_t(a.seqlen_q) + 127) / 128 * a.heads_q * a.batch;
+  return (a.head_dim == 64 || a.head_dim == 128) && tiles < (int64_t(1) << 31) &&
+         tma_describable(a.q, a.q_stride, qsz) &&
          tma_describable(a.k, a.k_stride, ksz) && tma_describable(a.v, a.v_stride, ksz) &&
          tma_describable(a.out, a.out_stride, qsz);
 }
@@ -84,7 +88,14 @@ void launch_dense_fwd_sm90(const DenseFwdArgs& a, cudaStream_t stream) {
   p.scale_log2 = static_cast<float>(a.softmax_scale * 1.4426950408889634);
   p.causal = a.causal;
 
-  const dim3 grid((a.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, a.heads_q, a.batch);
+  // Persistent: one CTA per SM (the shared memory allows no second), never more than tiles.
+  int device = 0, sms = 0;
+  BSK_CUDA_CHECK(cudaGetDevice(&device));
+  BSK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t tiles =
+      int64_t((a.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM) * a.heads_q * a.batch;
+  const int grid = static_cast<int>(std::min<int64_t>(tiles, sms));
+  if (grid == 0) return;
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   BSK_CUDA_CHECK_LAUNCH();
 }

@@ -1,24 +1,28 @@
 // Dense attention forward for Hopper (sm_90a): TMA + mbarrier pipeline, warp specialization,
-// wgmma. Written from scratch in the spirit of FlashAttention-3 / ThunderKittens, much smaller.
+// wgmma, persistent CTAs. Written from scratch in the spirit of FlashAttention-3 /
+// ThunderKittens, much smaller.
 //
-// One CTA = 3 warpgroups and computes a kBlockM (=128) x D block of output for one
-// (batch, query head):
-//   warpgroup 0  producer: one thread issues TMA loads (Q once, then K and V blocks) into a
-//                kStages-deep ring of shared-memory buffers; each buffer completes on its own
-//                "full" mbarrier (transaction count = bytes) and is recycled through an "empty"
-//                mbarrier the consumers arrive on. It gives most of its registers away
-//                (setmaxnreg) since it only needs addresses.
-//   warpgroups 1-2 consumers: each owns 64 query rows. Per KV block:
+// Work unit (tile): a kBlockM (=128) x D block of output for one (batch, query head). The grid
+// is persistent (one CTA per SM, static round-robin over tiles). One CTA = 3 warpgroups:
+//   warpgroup 0  producer: one thread issues every TMA load (Q per tile, then K and V blocks) into
+//                shared memory: Q single-buffered, K and V each in a kStages-deep ring. Each
+//                buffer completes on a "full" mbarrier (transaction count = bytes) and is
+//                recycled through an "empty" mbarrier that every consumer thread arrives on once
+//                its wgmma has read it. The producer runs ahead across tiles, so the next tile's
+//                Q and first K/V blocks load during this tile's last GEMMs and epilogue. It gives
+//                most of its registers away (setmaxnreg).
+//   warpgroups 1-2 consumers: each owns 64 query rows of the tile. Per KV block n:
 //                S = Q K^T   (wgmma, both operands in shared memory, f32 accumulators)
-//                -> mask (only on blocks that cross the causal diagonal or the end of the keys)
+//                -> mask (only blocks that cross the causal diagonal or the end of the keys)
 //                -> online softmax in registers (exp2 with the scale folded into one FFMA)
 //                -> O += P V (wgmma with P from registers: the S accumulator layout, converted
 //                   to 16-bit, is the A-operand register layout, so P never touches memory).
-//   Two consumer warpgroups on one SM let the tensor cores work on one's GEMM while the other
-//   runs its softmax (the warp schedulers interleave them; no explicit ping-pong barrier yet).
-// Epilogue: O is normalized, staged into Q's shared memory (each warpgroup overwrites only its own
-// 64 rows of Q, which it no longer reads) and written by one TMA store, which clips the rows past
-// Sq. LSE is written from registers.
+//                Software-pipelined: S(n) and P(n-1) V(n-1) are issued back to back and the
+//                softmax of S(n) runs while P(n-1) V(n-1) is on the tensor cores. The two
+//                consumer warpgroups also interleave on the SM (no explicit ping-pong barrier).
+// Epilogue per tile: O is normalized, staged in shared memory and written by one TMA store
+// (asynchronous; waited for only before the staging buffer is reused), which clips rows past Sq.
+// LSE goes out from registers.
 // Ragged tails need no code: TMA zero-fills rows past Sq/Skv (masked to -inf for keys) and never
 // stores rows past Sq. The loop order is fixed and there are no atomics, so results are bitwise
 // reproducible.
@@ -81,11 +85,13 @@ struct Config {
       make_ordered_layout(Shape<HD, BN, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
   struct SharedStorage {
-    cute::array_aligned<Elem, cosize_v<SmemLayoutQ>, 1024> q;  // also the output staging tile
+    cute::array_aligned<Elem, cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Elem, cosize_v<SmemLayoutQ>, 1024> o;  // output staging for TMA store
     cute::array_aligned<Elem, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Elem, cosize_v<SmemLayoutK>, 1024> v;
-    uint64_t bar_q;
-    uint64_t full_k[kStages], full_v[kStages], empty[kStages];
+    // full_*: TMA landed (transaction bytes); empty_*: all consumer threads done reading.
+    uint64_t full_q, empty_q;
+    uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
 
@@ -119,10 +125,13 @@ struct Params {
 };
 
 #ifdef BSK_SM90A_DEVICE
-// One warpgroup-wide GEMM: C (+)= A B over all k-blocks, issued back to back and waited for.
+// Issues one warpgroup-wide GEMM C (+)= A B over all k-blocks as one wgmma batch and returns
+// without waiting (warpgroup_wait<N> later). The operand fences keep the compiler from moving
+// register reads/writes of A and C across the asynchronous wgmma.
 template <bool kZeroInit, class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
-  constexpr bool kARegs = !is_base_of<GMMA::DescriptorIterator, typename TA::engine_type::iterator>::value;
+__device__ __forceinline__ void wg_issue(Mma& mma, TA const& a, TB const& b, TC& c) {
+  constexpr bool kARegs =
+      !is_base_of<GMMA::DescriptorIterator, typename TA::engine_type::iterator>::value;
   if constexpr (kARegs) warpgroup_fence_operand(const_cast<TA&>(a));
   warpgroup_fence_operand(c);
   warpgroup_arrive();
@@ -133,9 +142,24 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+}
+
+// The same, waited for.
+template <bool kZeroInit, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+  wg_issue<kZeroInit>(mma, a, b, c);
   warpgroup_wait<0>();
   warpgroup_fence_operand(c);
-  if constexpr (kARegs) warpgroup_fence_operand(const_cast<TA&>(a));
+  if constexpr (!is_base_of<GMMA::DescriptorIterator, typename TA::engine_type::iterator>::value)
+    warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+// 2^x on the MUFU unit, flushing denormals (exp2f adds range fix-ups we do not need: the
+// arguments are <= 0 and results below 2^-126 may as well be 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 #endif
 
@@ -161,71 +185,94 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #ifdef BSK_SM90A_DEVICE
   using Elem = typename Cfg::Elem;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, D = Cfg::kHeadDim, kStages = Cfg::kStages;
+  constexpr int kConsumers = 128 * Cfg::kConsumerWGs;
   constexpr float kNegInf = -INFINITY;
   using SS = typename Cfg::SharedStorage;
+  using TB = cutlass::arch::ClusterTransactionBarrier;
+  using Bar = cutlass::arch::ClusterBarrier;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
 
-  // Heaviest causal blocks (last rows) first, so the tail of the grid is short.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / p.group;
-  const int m0 = m_block * BM;
-  const int diag = p.seqlen_k - p.seqlen_q;  // query row t sees keys j <= t + diag
-  const int n_end = p.causal ? min(p.seqlen_k, m0 + BM + diag) : p.seqlen_k;
-  const int n_blocks = n_end > 0 ? (n_end + BN - 1) / BN : 0;
-
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
-    cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_q, 1);
+    TB::init(&ss.full_q, 1);
+    Bar::init(&ss.empty_q, kConsumers);
     for (int s = 0; s < kStages; ++s) {
-      cutlass::arch::ClusterTransactionBarrier::init(&ss.full_k[s], 1);
-      cutlass::arch::ClusterTransactionBarrier::init(&ss.full_v[s], 1);
-      // Every consumer thread arrives once it has finished reading the stage.
-      cutlass::arch::ClusterBarrier::init(&ss.empty[s], 128 * Cfg::kConsumerWGs);
+      TB::init(&ss.full_k[s], 1);
+      TB::init(&ss.full_v[s], 1);
+      // Every consumer thread arrives once its warpgroup's wgmma has finished reading the stage.
+      Bar::init(&ss.empty_k[s], kConsumers);
+      Bar::init(&ss.empty_v[s], kConsumers);
     }
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Cfg::SmemLayoutQ{});
+  Tensor sO = make_tensor(make_smem_ptr(ss.o.data()), typename Cfg::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Cfg::SmemLayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutVt{});
 
-  if (wg == 0) {
-    // ---- producer ----
-    cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
-    if (threadIdx.x == 0 && n_blocks > 0) {
-      Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, D, p.heads_q, p.batch));
-      Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, D, p.heads_kv, p.batch));
-      Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, D, p.heads_kv, p.batch));
-      Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<BM>, Int<D>>{}, make_coord(m_block, 0));
-      Tensor gK = local_tile(mK(_, _, hk, b), Shape<Int<BN>, Int<D>>{}, make_coord(_, 0));
-      Tensor gV = local_tile(mV(_, _, hk, b), Shape<Int<BN>, Int<D>>{}, make_coord(_, 0));
-      auto tma_q = p.tma_q.get_slice(Int<0>{});
-      auto tma_k = p.tma_k.get_slice(Int<0>{});
-      auto tma_v = p.tma_v.get_slice(Int<0>{});
-      Tensor tQg = tma_q.partition_S(gQ);
-      Tensor tQs = tma_q.partition_D(sQ);
-      Tensor tKg = tma_k.partition_S(gK);  // (TMA, m, k, n)
-      Tensor tKs = tma_k.partition_D(sK);  // (TMA, m, k, stage)
-      Tensor tVg = tma_v.partition_S(gV);
-      Tensor tVs = tma_v.partition_D(sV);
+  // Persistent static schedule: CTA i takes tiles i, i + grid, ... Tile order: query block
+  // fastest (last block, the heaviest under a causal mask, first), then head, then batch, so
+  // the CTAs running at one time share a few heads' K/V in L2 and each CTA gets a mix of heavy
+  // and light causal tiles.
+  const int m_blocks = (p.seqlen_q + BM - 1) / BM;
+  const int num_tiles = m_blocks * p.heads_q * p.batch;
+  const int diag = p.seqlen_k - p.seqlen_q;  // query row t sees keys j <= t + diag
+  struct Tile {
+    int m_block, h, b, n_blocks;
+  };
+  auto decode = [&](int t) {
+    Tile x;
+    x.m_block = m_blocks - 1 - t % m_blocks;
+    t /= m_blocks;
+    x.h = t % p.heads_q;
+    x.b = t / p.heads_q;
+    const int n_end = p.causal ? min(p.seqlen_k, (x.m_block + 1) * BM + diag) : p.seqlen_k;
+    x.n_blocks = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+    return x;
+  };
 
-      constexpr uint32_t kQBytes = BM * D * sizeof(Elem), kKVBytes = BN * D * sizeof(Elem);
-      // The byte counts include the zero fill of rows past the end: TMA always writes the box.
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.bar_q, kQBytes);
-      copy(p.tma_q.with(ss.bar_q), tQg, tQs);
-      for (int n = 0; n < n_blocks; ++n) {
-        const int s = n % kStages;
-        // Fresh barriers count as having completed the phase before phase 0, so the first lap
-        // does not wait.
-        cutlass::arch::ClusterBarrier::wait(&ss.empty[s], ((n / kStages) & 1) ^ 1);
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.full_k[s], kKVBytes);
+  if (wg == 0) {
+    // ---- producer: one thread issues every TMA load ----
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
+    if (threadIdx.x != 0) return;
+    Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, D, p.heads_q, p.batch));
+    Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, D, p.heads_kv, p.batch));
+    Tensor mV = p.tma_v.get_tma_tensor(make_shape(p.seqlen_k, D, p.heads_kv, p.batch));
+    auto tma_q = p.tma_q.get_slice(Int<0>{});
+    auto tma_k = p.tma_k.get_slice(Int<0>{});
+    auto tma_v = p.tma_v.get_slice(Int<0>{});
+    Tensor tQs = tma_q.partition_D(sQ);
+    Tensor tKs = tma_k.partition_D(sK);  // (TMA, m, k, stage)
+    Tensor tVs = tma_v.partition_D(sV);
+    // The byte counts include the zero fill of rows past the end: TMA always writes the box.
+    constexpr uint32_t kQBytes = BM * D * sizeof(Elem), kKVBytes = BN * D * sizeof(Elem);
+    int kv = 0;  // K/V blocks issued so far (ring position), over all tiles
+    int lap_q = 0;
+    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, ++lap_q) {
+      const Tile x = decode(t);
+      const int hk = x.h / p.group;
+      Tensor gQ = local_tile(mQ(_, _, x.h, x.b), Shape<Int<BM>, Int<D>>{}, make_coord(x.m_block, 0));
+      Tensor gK = local_tile(mK(_, _, hk, x.b), Shape<Int<BN>, Int<D>>{}, make_coord(_, 0));
+      Tensor gV = local_tile(mV(_, _, hk, x.b), Shape<Int<BN>, Int<D>>{}, make_coord(_, 0));
+      Tensor tKg = tma_k.partition_S(gK);  // (TMA, m, k, n)
+      Tensor tVg = tma_v.partition_S(gV);
+      // Fresh barriers count as having completed the phase before phase 0, so the first lap
+      // through each buffer does not wait.
+      Bar::wait(&ss.empty_q, (lap_q & 1) ^ 1);
+      TB::arrive_and_expect_tx(&ss.full_q, kQBytes);
+      copy(p.tma_q.with(ss.full_q), tma_q.partition_S(gQ), tQs);
+      for (int n = 0; n < x.n_blocks; ++n, ++kv) {
+        const int s = kv % kStages, parity = ((kv / kStages) & 1) ^ 1;
+        Bar::wait(&ss.empty_k[s], parity);
+        TB::arrive_and_expect_tx(&ss.full_k[s], kKVBytes);
         copy(p.tma_k.with(ss.full_k[s]), tKg(_, _, _, n), tKs(_, _, _, s));
-        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&ss.full_v[s], kKVBytes);
+        Bar::wait(&ss.empty_v[s], parity);
+        TB::arrive_and_expect_tx(&ss.full_v[s], kKVBytes);
         copy(p.tma_v.with(ss.full_v[s]), tVg(_, _, _, n), tVs(_, _, _, s));
       }
     }
@@ -242,30 +289,27 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, N, K, stage)
     Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<D>>{});
-    clear(tOrO);
+    Tensor rP = make_tensor<Elem>(tSrS.layout());
+    Tensor tOrP = make_tensor(rP.data(), acc_as_a(tSrS.layout()));
+    Tensor tOsO = thr_pv.partition_C(sO);
 
-    // (row, col) view of S and O, and the tile coordinates of each S element.
+    // (row, col) views of S and O, and the tile coordinates of each S and O element.
     Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
     Tensor O = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
     Tensor cS = thr_qk.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
     Tensor cSrc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
+    Tensor cO = thr_pv.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+    Tensor cOrc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
     constexpr int kRows = size<0>(S.layout());  // 2 rows per thread
     static_assert(kRows == 2);
+    float row_m[kRows], row_l[kRows], corr[kRows];
 
-    float row_m[kRows], row_l[kRows];
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) row_m[r] = kNegInf, row_l[r] = 0.f;
-
-    if (n_blocks > 0) cutlass::arch::ClusterBarrier::wait(&ss.bar_q, 0);
-    for (int n = 0; n < n_blocks; ++n) {
-      const int s = n % kStages, phase = (n / kStages) & 1;
-      const int n0 = n * BN;
-      cutlass::arch::ClusterBarrier::wait(&ss.full_k[s], phase);
-      wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
-
-      // Only blocks crossing the end of the keys or the causal diagonal need a mask.
-      const bool need_mask = n0 + BN > p.seqlen_k || (p.causal && n0 + BN - 1 > m0 + diag);
-      if (need_mask) {
+    // Mask (only where the block crosses the end of the keys or the causal diagonal) and online
+    // softmax of the S block at key offset n0: updates row_m/row_l, leaves P = exp(S - max) in S
+    // and the factor that rescales O to the new max in corr. Max and sums run on unscaled
+    // logits; the scale folds into one FFMA.
+    auto softmax = [&](int m0, int n0) {
+      if (n0 + BN > p.seqlen_k || (p.causal && n0 + BN - 1 > m0 + diag)) {
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r)
           CUTE_UNROLL
@@ -274,8 +318,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             if (col >= p.seqlen_k || (p.causal && col > row + diag)) S(r, c) = kNegInf;
           }
       }
-
-      // Online softmax; max and sums run on unscaled logits, the scale folds into one FFMA.
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         float mx = row_m[r];
@@ -286,63 +328,107 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // A row that has seen no key yet keeps max -inf: use 0 as offset so exp2 gives 0s.
         const float base = mx == kNegInf ? 0.f : mx * p.scale_log2;
-        const float corr = exp2f(row_m[r] * p.scale_log2 - base);
+        corr[r] = fast_exp2(row_m[r] * p.scale_log2 - base);
         row_m[r] = mx;
         float sum = 0.f;
         CUTE_UNROLL
         for (int c = 0; c < size<1>(S); ++c) {
-          const float pe = exp2f(fmaf(S(r, c), p.scale_log2, -base));
+          const float pe = fast_exp2(fmaf(S(r, c), p.scale_log2, -base));
           S(r, c) = pe;
           sum += pe;
         }
-        row_l[r] = row_l[r] * corr + sum;
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(O); ++c) O(r, c) *= corr;
+        row_l[r] = row_l[r] * corr[r] + sum;
       }
-
-      Tensor rP = make_tensor<Elem>(tSrS.layout());
+    };
+    auto convert_p = [&] {
       CUTE_UNROLL
       for (int i = 0; i < size(rP); ++i) rP(i) = static_cast<Elem>(tSrS(i));
-      Tensor tOrP = make_tensor(rP.data(), acc_as_a(tSrS.layout()));
+    };
 
-      cutlass::arch::ClusterBarrier::wait(&ss.full_v[s], phase);
-      wg_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, s), tOrO);
-      cutlass::arch::ClusterBarrier::arrive(&ss.empty[s]);
-    }
-
-    // ---- epilogue ----
-    Tensor cO = thr_pv.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
-    Tensor cOrc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      float l = row_l[r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+    int kv = 0;  // K/V blocks consumed so far, over all tiles (same count as the producer's)
+    int lap_q = 0;
+    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, ++lap_q) {
+      const Tile x = decode(t);
+      const int m0 = x.m_block * BM;
+      clear(tOrO);
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(O); ++c) O(r, c) *= inv;
-      const int row = m0 + get<0>(cOrc(r, 0));
-      if (p.lse != nullptr && tid % 4 == 0 && row < p.seqlen_q)
-        p.lse[b * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
-            l > 0.f ? row_m[r] * p.softmax_scale + logf(l) : kNegInf;
+      for (int r = 0; r < kRows; ++r) row_m[r] = kNegInf, row_l[r] = 0.f;
+      Bar::wait(&ss.full_q, lap_q & 1);
+      if (x.n_blocks == 0) Bar::arrive(&ss.empty_q);
+
+      // Software pipeline within the warpgroup: S(n) = Q K(n)^T is issued before O += P(n-1)
+      // V(n-1), and the softmax of S(n) runs while that P V product is on the tensor cores.
+      if (x.n_blocks > 0) {
+        const int s = kv % kStages;
+        Bar::wait(&ss.full_k[s], (kv / kStages) & 1);
+        wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
+        Bar::arrive(&ss.empty_k[s]);
+        if (x.n_blocks == 1) Bar::arrive(&ss.empty_q);
+        softmax(m0, 0);
+        convert_p();
+      }
+      for (int n = 1; n < x.n_blocks; ++n) {
+        const int ik = kv + n, iv = kv + n - 1;
+        const int sk = ik % kStages, sv = iv % kStages;
+        Bar::wait(&ss.full_k[sk], (ik / kStages) & 1);
+        wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, sk), tSrS);
+        Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
+        wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        warpgroup_wait<1>();  // S(n) is ready; P(n-1) V(n-1) may still run
+        warpgroup_fence_operand(tSrS);
+        Bar::arrive(&ss.empty_k[sk]);
+        if (n == x.n_blocks - 1) Bar::arrive(&ss.empty_q);
+        softmax(m0, n * BN);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(rP);
+        Bar::arrive(&ss.empty_v[sv]);
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r)
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(O); ++c) O(r, c) *= corr[r];
+        convert_p();
+      }
+      if (x.n_blocks > 0) {
+        const int iv = kv + x.n_blocks - 1, sv = iv % kStages;
+        Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
+        wg_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        Bar::arrive(&ss.empty_v[sv]);
+      }
+      kv += x.n_blocks;
+
+      // ---- epilogue: normalize, LSE from registers, O through shared memory + TMA store ----
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        float l = row_l[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(O); ++c) O(r, c) *= inv;
+        const int row = m0 + get<0>(cOrc(r, 0));
+        if (p.lse != nullptr && tid % 4 == 0 && row < p.seqlen_q)
+          p.lse[x.b * p.lse_sb + x.h * p.lse_sh + row * p.lse_ss] =
+              l > 0.f ? row_m[r] * p.softmax_scale + logf(l) : kNegInf;
+      }
+      // The previous tile's TMA store must have read sO before it is overwritten.
+      if (tid == 0) tma_store_wait<0>();
+      cutlass::arch::NamedBarrier::sync(kConsumers, /*id=*/1);
+      CUTE_UNROLL
+      for (int i = 0; i < size(tOrO); ++i) tOsO(i) = static_cast<Elem>(tOrO(i));
+      // Generic-proxy writes must be visible to the TMA (async proxy) before the store.
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(kConsumers, /*id=*/1);
+      if (tid == 0) {
+        Tensor mO = p.tma_o.get_tma_tensor(make_shape(p.seqlen_q, D, p.heads_q, p.batch));
+        Tensor gO = local_tile(mO(_, _, x.h, x.b), Shape<Int<BM>, Int<D>>{},
+                               make_coord(x.m_block, 0));
+        auto tma_o = p.tma_o.get_slice(Int<0>{});
+        copy(p.tma_o, tma_o.partition_S(sO), tma_o.partition_D(gO));
+        tma_store_arrive();
+      }
     }
-    // Stage O in Q's shared memory: each warpgroup's rows are its own, and its last Q K^T wgmma
-    // has completed (wg_gemm waits), so no other thread still reads them.
-    Tensor sO = make_tensor(make_smem_ptr(ss.q.data()), typename Cfg::SmemLayoutQ{});
-    Tensor tOsO = thr_pv.partition_C(sO);
-    CUTE_UNROLL
-    for (int i = 0; i < size(tOrO); ++i) tOsO(i) = static_cast<Elem>(tOrO(i));
-    // Generic-proxy writes must be visible to the TMA (async proxy) before the store.
-    cutlass::arch::fence_view_async_shared();
-    cutlass::arch::NamedBarrier::sync(128 * Cfg::kConsumerWGs, /*id=*/1);
-    if (tid == 0) {
-      Tensor mO = p.tma_o.get_tma_tensor(make_shape(p.seqlen_q, D, p.heads_q, p.batch));
-      Tensor gO = local_tile(mO(_, _, h, b), Shape<Int<BM>, Int<D>>{}, make_coord(m_block, 0));
-      auto tma_o = p.tma_o.get_slice(Int<0>{});
-      copy(p.tma_o, tma_o.partition_S(sO), tma_o.partition_D(gO));
-      tma_store_arrive();
-      tma_store_wait<0>();  // shared memory must outlive the store's reads
-    }
+    if (tid == 0) tma_store_wait<0>();  // shared memory must outlive the last store's reads
   }
 #endif
 }
