@@ -76,7 +76,8 @@ void launch_dense_fwd_sm90(const DenseFwdArgs& a, cudaStream_t stream) {
                     Shape<BN, HD>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Cfg::SmemLayoutK{}),
                     Shape<BN, HD>{}, _1{}),
-      make_tma_copy(SM90_TMA_STORE{}, mO, typename Cfg::SmemLayoutQ{}, Shape<BM, HD>{}, _1{}),
+      make_tma_copy(SM90_TMA_STORE{}, mO, take<0, 2>(typename Cfg::SmemLayoutO{}),
+                    Shape<_64, HD>{}, _1{}),
   };
   p.lse = a.lse;
   // lse is [B, Hq, Sq]

@@ -18,11 +18,12 @@
 //                -> O += P V (wgmma with P from registers: the S accumulator layout, converted
 //                   to 16-bit, is the A-operand register layout, so P never touches memory).
 //                Software-pipelined: S(n) and P(n-1) V(n-1) are issued back to back and the
-//                softmax of S(n) runs while P(n-1) V(n-1) is on the tensor cores. The two
-//                consumer warpgroups also interleave on the SM (no explicit ping-pong barrier).
-// Epilogue per tile: O is normalized, staged in shared memory and written by one TMA store
-// (asynchronous; waited for only before the staging buffer is reused), which clips rows past Sq.
-// LSE goes out from registers.
+//                softmax of S(n) runs while P(n-1) V(n-1) is on the tensor cores. And the two
+//                consumer warpgroups take turns issuing GEMMs (ping-pong, two named barriers),
+//                so one's softmax overlaps the other's GEMMs.
+// Epilogue per tile and warpgroup: O is normalized, staged in shared memory and written by a TMA
+// store of the warpgroup's 64 rows (asynchronous; waited for only before the staging buffer is
+// reused), which clips rows past Sq. LSE goes out from registers.
 // Ragged tails need no code: TMA zero-fills rows past Sq/Skv (masked to -inf for keys) and never
 // stores rows past Sq. The loop order is fixed and there are no atomics, so results are bitwise
 // reproducible.
@@ -48,13 +49,18 @@ namespace bsk::kernels::sm90 {
 
 using namespace cute;
 
-template <typename Elem_, int kHeadDim_, int kBlockN_ = 128, int kStages_ = 2>
+template <typename Elem_, int kHeadDim_, int kBlockN_ = 128, int kStages_ = 2,
+          bool kPingPong_ = true>
 struct Config {
   using Elem = Elem_;  // cutlass::half_t or cutlass::bfloat16_t
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows (one wgmma M)
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
+  // Ping-pong: the two consumer warpgroups take turns issuing their GEMMs (named barriers), so
+  // one's softmax runs while the other's GEMMs occupy the tensor cores instead of both
+  // contending for the exp unit at the same time.
+  static constexpr bool kPingPong = kPingPong_;
   static constexpr int kConsumerWGs = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWGs);
   // Register split after setmaxnreg: 128*24 + 256*240 = 64512 <= 65536.
@@ -79,6 +85,12 @@ struct Config {
       GMMA::Layout_K_SW128_Atom<Elem>{}, Shape<BM, HD>{}));
   using SmemLayoutK = decltype(tile_to_shape(
       GMMA::Layout_K_SW128_Atom<Elem>{}, Shape<BN, HD, Int<kStages>>{}));
+  // Output staging: one 64 x D tile per consumer warpgroup, each stored by its own TMA store.
+  using SmemLayoutO = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Elem>{},
+                                             Shape<_64, HD, Int<kConsumerWGs>>{}));
+  // One warpgroup's share of MmaPV (same per-thread fragment), to address its staging tile.
+  using MmaPV1 = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, HD, BN>, GMMA::Major::K, GMMA::Major::MN>()));
   // V^T (D x BN) is the same bytes as V (BN x D) seen with the modes swapped.
   using SmemLayoutVt = decltype(composition(
       SmemLayoutK{},
@@ -86,7 +98,7 @@ struct Config {
 
   struct SharedStorage {
     cute::array_aligned<Elem, cosize_v<SmemLayoutQ>, 1024> q;
-    cute::array_aligned<Elem, cosize_v<SmemLayoutQ>, 1024> o;  // output staging for TMA store
+    cute::array_aligned<Elem, cosize_v<SmemLayoutO>, 1024> o;  // output staging for TMA store
     cute::array_aligned<Elem, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Elem, cosize_v<SmemLayoutK>, 1024> v;
     // full_*: TMA landed (transaction bytes); empty_*: all consumer threads done reading.
@@ -106,8 +118,8 @@ struct Config {
                                       Shape<BM, HD>{}, _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GTensorIn{},
                                        take<0, 2>(SmemLayoutK{}), Shape<BN, HD>{}, _1{}));
-  using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GTensorOut{}, SmemLayoutQ{},
-                                      Shape<BM, HD>{}, _1{}));
+  using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GTensorOut{},
+                                      take<0, 2>(SmemLayoutO{}), Shape<_64, HD>{}, _1{}));
 };
 
 template <class Cfg>
@@ -210,7 +222,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Cfg::SmemLayoutQ{});
-  Tensor sO = make_tensor(make_smem_ptr(ss.o.data()), typename Cfg::SmemLayoutQ{});
+  Tensor sO = make_tensor(make_smem_ptr(ss.o.data()), typename Cfg::SmemLayoutO{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Cfg::SmemLayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutVt{});
@@ -280,6 +292,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // ---- consumers ----
     cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>();
     const int tid = threadIdx.x - 128;
+    const int cwg = tid / 128;  // consumer warpgroup: query rows 64*cwg .. 64*cwg+63 of a tile
+    // Named barriers: 1 and 2 order the warpgroups' GEMM turns (ping-pong), 3 + cwg is each
+    // warpgroup's own epilogue barrier (0 is __syncthreads).
+    auto turn_wait = [&] {
+      if constexpr (Cfg::kPingPong) cutlass::arch::NamedBarrier::sync(kConsumers, 1 + cwg);
+    };
+    auto turn_pass = [&] {
+      if constexpr (Cfg::kPingPong) cutlass::arch::NamedBarrier::arrive(kConsumers, 2 - cwg);
+    };
+    static_assert(!Cfg::kPingPong || Cfg::kConsumerWGs == 2);
+    if (cwg == 1) turn_pass();  // warpgroup 0 takes the first turn
     typename Cfg::MmaQK mma_qk;
     typename Cfg::MmaPV mma_pv;
     auto thr_qk = mma_qk.get_thread_slice(tid);
@@ -291,7 +314,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<D>>{});
     Tensor rP = make_tensor<Elem>(tSrS.layout());
     Tensor tOrP = make_tensor(rP.data(), acc_as_a(tSrS.layout()));
-    Tensor tOsO = thr_pv.partition_C(sO);
+    Tensor sOw = sO(_, _, cwg);  // this warpgroup's 64 x D staging tile
+    Tensor tOsO = typename Cfg::MmaPV1{}.get_thread_slice(tid % 128).partition_C(sOw);
 
     // (row, col) views of S and O, and the tile coordinates of each S and O element.
     Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
@@ -361,7 +385,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       if (x.n_blocks > 0) {
         const int s = kv % kStages;
         Bar::wait(&ss.full_k[s], (kv / kStages) & 1);
-        wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
+        turn_wait();
+        wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
+        turn_pass();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tSrS);
         Bar::arrive(&ss.empty_k[s]);
         if (x.n_blocks == 1) Bar::arrive(&ss.empty_q);
         softmax(m0, 0);
@@ -370,10 +398,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       for (int n = 1; n < x.n_blocks; ++n) {
         const int ik = kv + n, iv = kv + n - 1;
         const int sk = ik % kStages, sv = iv % kStages;
+        // Wait for the data before taking the turn: holding the turn while waiting could stall
+        // the other warpgroup's GEMMs for nothing.
         Bar::wait(&ss.full_k[sk], (ik / kStages) & 1);
-        wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, sk), tSrS);
         Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
+        turn_wait();
+        wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, sk), tSrS);
         wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        turn_pass();
         warpgroup_wait<1>();  // S(n) is ready; P(n-1) V(n-1) may still run
         warpgroup_fence_operand(tSrS);
         Bar::arrive(&ss.empty_k[sk]);
@@ -392,7 +424,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       if (x.n_blocks > 0) {
         const int iv = kv + x.n_blocks - 1, sv = iv % kStages;
         Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
-        wg_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        turn_wait();
+        wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        turn_pass();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(rP);
         Bar::arrive(&ss.empty_v[sv]);
       }
       kv += x.n_blocks;
@@ -411,24 +448,30 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           p.lse[x.b * p.lse_sb + x.h * p.lse_sh + row * p.lse_ss] =
               l > 0.f ? row_m[r] * p.softmax_scale + logf(l) : kNegInf;
       }
-      // The previous tile's TMA store must have read sO before it is overwritten.
-      if (tid == 0) tma_store_wait<0>();
-      cutlass::arch::NamedBarrier::sync(kConsumers, /*id=*/1);
+      // Each warpgroup stages and stores its own 64 rows, so the two never wait for each other
+      // here (that would undo the ping-pong offset). The previous tile's TMA store must have read
+      // the staging tile before it is overwritten.
+      const bool leader = tid % 128 == 0;
+      if (leader) tma_store_wait<0>();
+      cutlass::arch::NamedBarrier::sync(128, 3 + cwg);
       CUTE_UNROLL
       for (int i = 0; i < size(tOrO); ++i) tOsO(i) = static_cast<Elem>(tOrO(i));
       // Generic-proxy writes must be visible to the TMA (async proxy) before the store.
       cutlass::arch::fence_view_async_shared();
-      cutlass::arch::NamedBarrier::sync(kConsumers, /*id=*/1);
-      if (tid == 0) {
+      cutlass::arch::NamedBarrier::sync(128, 3 + cwg);
+      if (leader) {
         Tensor mO = p.tma_o.get_tma_tensor(make_shape(p.seqlen_q, D, p.heads_q, p.batch));
-        Tensor gO = local_tile(mO(_, _, x.h, x.b), Shape<Int<BM>, Int<D>>{},
-                               make_coord(x.m_block, 0));
+        Tensor gO = local_tile(mO(_, _, x.h, x.b), Shape<_64, Int<D>>{},
+                               make_coord(x.m_block * Cfg::kConsumerWGs + cwg, 0));
         auto tma_o = p.tma_o.get_slice(Int<0>{});
-        copy(p.tma_o, tma_o.partition_S(sO), tma_o.partition_D(gO));
+        copy(p.tma_o, tma_o.partition_S(sOw), tma_o.partition_D(gO));
         tma_store_arrive();
       }
     }
-    if (tid == 0) tma_store_wait<0>();  // shared memory must outlive the last store's reads
+    // Warpgroup 1 passed the turn once more than warpgroup 0 took it; consume that arrival so
+    // no named barrier is left half-arrived at exit.
+    if (cwg == 0) turn_wait();
+    if (tid % 128 == 0) tma_store_wait<0>();  // shared memory must outlive the stores' reads
   }
 #endif
 }
