@@ -5,7 +5,7 @@
 # sm90 timings) before them.
 # Logs under $OUT (default build/sm90_check); a short table last.
 # Env: BSK_WHEELS, BSK_GTEST_SOURCE_DIR as for gpu_check.sh; SM90_SKIP_SANITIZER=1 skips the
-# sanitizer steps.
+# sanitizer steps; SM90_NCU=1 adds one Nsight Compute pass (clocks left alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build/sm90_check}
@@ -35,6 +35,12 @@ if [ "${SM90_SKIP_SANITIZER:-0}" != 1 ]; then
     --gtest_filter='*DenseGpuTest*_sm90'
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $b/tests/cpp/bsk_tests \
     --gtest_filter='*DenseGpuTest*/Seed*_sm90:*DenseGpuTest*/S17*_sm90:*DenseGpuTest*/D128*_sm90'
+fi
+# One ncu pass over one launch per shape (SM90_NCU=1): where the sm90 kernel's time goes.
+if [ "${SM90_NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
+  step ncu ncu --clock-control none -k regex:dense_fwd_sm90 --section SpeedOfLight \
+    --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+    $b/bsk_dense_tune profile
 fi
 echo
 echo "================ summary ================"

@@ -3,7 +3,8 @@
 //             long shapes, TFLOP/s and max|diff| between them, after a float64 CPU check of both
 //             on small cases (GPU-free numbers: no cuDNN or PyTorch involved).
 //   variants: sm80 configurations the dispatcher does not ship against the one it does.
-// Usage: bsk_dense_tune [paths|variants|all]. Built only with -DBSK_BUILD_TUNING=ON; run by
+// Usage: bsk_dense_tune [paths|variants|all|profile] (profile: one sm90 launch per shape, for
+// ncu). Built only with -DBSK_BUILD_TUNING=ON; run by
 // scripts/gpu_check.sh and scripts/sm90_check.sh.
 // Timing: CUDA events around each launch (paths: around 10 back-to-back launches, so host-side
 // launch work hides behind the GPU as it does in a model), median of 30 after 10 warm-ups, one
@@ -289,10 +290,9 @@ void sm90_variants(const Case& c, DType dt) {
   a.out = buf.ref;
   run_path<Elem>(DensePath::kSm80, a);  // reference output: the sm80 kernel
   sm90_variant<Config<CE, D, 128, 2>>("BN 128, 2 stages (shipped)", c, buf);
-  sm90_variant<Config<CE, D, 128, 2, false>>("BN 128, 2 stages, no ping-pong", c, buf);
+  sm90_variant<Config<CE, D, 128, 2, true>>("BN 128, 2 stages, ping-pong", c, buf);
   if constexpr (D == 64) sm90_variant<Config<CE, D, 128, 3>>("BN 128, 3 stages", c, buf);
-  if constexpr (D == 64) sm90_variant<Config<CE, D, 192, 2>>("BN 192, 2 stages", c, buf);
-  if constexpr (D == 128) sm90_variant<Config<CE, D, 160, 2>>("BN 160, 2 stages", c, buf);
+  if constexpr (D == 64) sm90_variant<Config<CE, D, 64, 4>>("BN 64, 4 stages", c, buf);
 }
 
 int paths() {
@@ -376,6 +376,16 @@ int variants() {
 int main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "paths";
   int rc = 0;
+  if (what == "profile") {  // one sm90 launch per shape, for ncu
+    const Case seed{"seed", 16, 512, 96, 96, 64, false};
+    Buffers<__half> b1(seed, DType::kFloat16);
+    run_path<__half>(DensePath::kSm90, b1.args);
+    const Case lc{"long causal", 8, 4096, 32, 8, 128, true};
+    Buffers<__nv_bfloat16> b2(lc, DType::kBFloat16);
+    run_path<__nv_bfloat16>(DensePath::kSm90, b2.args);
+    BSK_CUDA_CHECK(cudaDeviceSynchronize());
+    return 0;
+  }
   if (what == "paths" || what == "all") rc |= paths();
   if (what == "variants" || what == "all") rc |= variants();
   if (what != "paths" && what != "variants" && what != "all") {

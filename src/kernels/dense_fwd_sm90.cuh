@@ -5,7 +5,7 @@
 // Work unit (tile): a kBlockM (=128) x D block of output for one (batch, query head). The grid
 // is persistent (one CTA per SM, static round-robin over tiles). One CTA = 3 warpgroups:
 //   warpgroup 0  producer: one thread issues every TMA load (Q per tile, then K and V blocks) into
-//                shared memory: Q single-buffered, K and V each in a kStages-deep ring. Each
+//                shared memory: Q double-buffered, K and V each in a kStages-deep ring. Each
 //                buffer completes on a "full" mbarrier (transaction count = bytes) and is
 //                recycled through an "empty" mbarrier that every consumer thread arrives on once
 //                its wgmma has read it. The producer runs ahead across tiles, so the next tile's
@@ -19,8 +19,10 @@
 //                   to 16-bit, is the A-operand register layout, so P never touches memory).
 //                Software-pipelined: S(n) and P(n-1) V(n-1) are issued back to back and the
 //                softmax of S(n) runs while P(n-1) V(n-1) is on the tensor cores. And the two
-//                consumer warpgroups take turns issuing GEMMs (ping-pong, two named barriers),
-//                so one's softmax overlaps the other's GEMMs.
+//                consumer warpgroups can take turns issuing GEMMs (kPingPong: two named
+//                barriers), so one's softmax overlaps the other's GEMMs; measured slower here
+//                than letting the warp schedulers interleave them (bench/results/tuning.md), so
+//                off by default.
 // Epilogue per tile and warpgroup: O is normalized, staged in shared memory and written by a TMA
 // store of the warpgroup's 64 rows (asynchronous; waited for only before the staging buffer is
 // reused), which clips rows past Sq. LSE goes out from registers.
@@ -34,6 +36,7 @@
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/atom/copy_traits_sm90.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -50,7 +53,7 @@ namespace bsk::kernels::sm90 {
 using namespace cute;
 
 template <typename Elem_, int kHeadDim_, int kBlockN_ = 128, int kStages_ = 2,
-          bool kPingPong_ = true>
+          bool kPingPong_ = false>
 struct Config {
   using Elem = Elem_;  // cutlass::half_t or cutlass::bfloat16_t
   static constexpr int kHeadDim = kHeadDim_;
@@ -97,15 +100,17 @@ struct Config {
       make_ordered_layout(Shape<HD, BN, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
   struct SharedStorage {
-    cute::array_aligned<Elem, cosize_v<SmemLayoutQ>, 1024> q;
+    // Q double-buffered: the next tile's Q loads during the whole current tile.
+    cute::array_aligned<Elem, cosize_v<SmemLayoutQ>, 1024> q[2];
     cute::array_aligned<Elem, cosize_v<SmemLayoutO>, 1024> o;  // output staging for TMA store
     cute::array_aligned<Elem, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Elem, cosize_v<SmemLayoutK>, 1024> v;
     // full_*: TMA landed (transaction bytes); empty_*: all consumer threads done reading.
-    uint64_t full_q, empty_q;
+    uint64_t full_q[2], empty_q[2];
     uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
 
   // Global tensors are (seq, head dim, heads, batch) with element strides (s, 1, h, b).
   using GShape = Shape<int32_t, int32_t, int32_t, int32_t>;
@@ -208,8 +213,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
-    TB::init(&ss.full_q, 1);
-    Bar::init(&ss.empty_q, kConsumers);
+    for (int i = 0; i < 2; ++i) {
+      TB::init(&ss.full_q[i], 1);
+      Bar::init(&ss.empty_q[i], kConsumers);
+    }
     for (int s = 0; s < kStages; ++s) {
       TB::init(&ss.full_k[s], 1);
       TB::init(&ss.full_v[s], 1);
@@ -221,7 +228,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();
 
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Cfg::SmemLayoutQ{});
+  Tensor sQ0 = make_tensor(make_smem_ptr(ss.q[0].data()), typename Cfg::SmemLayoutQ{});
+  Tensor sQ1 = make_tensor(make_smem_ptr(ss.q[1].data()), typename Cfg::SmemLayoutQ{});
   Tensor sO = make_tensor(make_smem_ptr(ss.o.data()), typename Cfg::SmemLayoutO{});
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Cfg::SmemLayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutK{});
@@ -258,7 +266,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     auto tma_q = p.tma_q.get_slice(Int<0>{});
     auto tma_k = p.tma_k.get_slice(Int<0>{});
     auto tma_v = p.tma_v.get_slice(Int<0>{});
-    Tensor tQs = tma_q.partition_D(sQ);
+    Tensor tQs0 = tma_q.partition_D(sQ0);
+    Tensor tQs1 = tma_q.partition_D(sQ1);
     Tensor tKs = tma_k.partition_D(sK);  // (TMA, m, k, stage)
     Tensor tVs = tma_v.partition_D(sV);
     // The byte counts include the zero fill of rows past the end: TMA always writes the box.
@@ -275,9 +284,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       Tensor tVg = tma_v.partition_S(gV);
       // Fresh barriers count as having completed the phase before phase 0, so the first lap
       // through each buffer does not wait.
-      Bar::wait(&ss.empty_q, (lap_q & 1) ^ 1);
-      TB::arrive_and_expect_tx(&ss.full_q, kQBytes);
-      copy(p.tma_q.with(ss.full_q), tma_q.partition_S(gQ), tQs);
+      const int qb = lap_q & 1;
+      Bar::wait(&ss.empty_q[qb], ((lap_q >> 1) & 1) ^ 1);
+      TB::arrive_and_expect_tx(&ss.full_q[qb], kQBytes);
+      copy(p.tma_q.with(ss.full_q[qb]), tma_q.partition_S(gQ), qb ? tQs1 : tQs0);
       for (int n = 0; n < x.n_blocks; ++n, ++kv) {
         const int s = kv % kStages, parity = ((kv / kStages) & 1) ^ 1;
         Bar::wait(&ss.empty_k[s], parity);
@@ -307,7 +317,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     typename Cfg::MmaPV mma_pv;
     auto thr_qk = mma_qk.get_thread_slice(tid);
     auto thr_pv = mma_pv.get_thread_slice(tid);
-    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // smem descriptors
+    Tensor tSrQ0 = thr_qk.partition_fragment_A(sQ0);  // smem descriptors, per Q buffer
+    Tensor tSrQ1 = thr_qk.partition_fragment_A(sQ1);
     Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, N, K, stage)
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, N, K, stage)
     Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
@@ -315,7 +326,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     Tensor rP = make_tensor<Elem>(tSrS.layout());
     Tensor tOrP = make_tensor(rP.data(), acc_as_a(tSrS.layout()));
     Tensor sOw = sO(_, _, cwg);  // this warpgroup's 64 x D staging tile
-    Tensor tOsO = typename Cfg::MmaPV1{}.get_thread_slice(tid % 128).partition_C(sOw);
+    // stmatrix: 16-byte shared stores of the 16-bit O fragment (4 per 64 columns).
+    auto st_o = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Elem>{}, typename Cfg::MmaPV1{});
+    auto thr_st_o = st_o.get_thread_slice(tid % 128);
+    Tensor tOsO = thr_st_o.partition_D(sOw);
+    Tensor rO = make_tensor<Elem>(tOrO.layout());
 
     // (row, col) views of S and O, and the tile coordinates of each S and O element.
     Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
@@ -377,8 +392,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       clear(tOrO);
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) row_m[r] = kNegInf, row_l[r] = 0.f;
-      Bar::wait(&ss.full_q, lap_q & 1);
-      if (x.n_blocks == 0) Bar::arrive(&ss.empty_q);
+      const int qb = lap_q & 1;
+      Bar::wait(&ss.full_q[qb], (lap_q >> 1) & 1);
+      if (x.n_blocks == 0) Bar::arrive(&ss.empty_q[qb]);
+      // Q GEMM operand of this tile (descriptors differ only in their start address).
+      auto qk = [&](auto const& k_stage) {
+        if (qb) wg_issue<true>(mma_qk, tSrQ1, k_stage, tSrS);
+        else wg_issue<true>(mma_qk, tSrQ0, k_stage, tSrS);
+      };
 
       // Software pipeline within the warpgroup: S(n) = Q K(n)^T is issued before O += P(n-1)
       // V(n-1), and the softmax of S(n) runs while that P V product is on the tensor cores.
@@ -386,12 +407,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         const int s = kv % kStages;
         Bar::wait(&ss.full_k[s], (kv / kStages) & 1);
         turn_wait();
-        wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, s), tSrS);
+        qk(tSrK(_, _, _, s));
         turn_pass();
         warpgroup_wait<0>();
         warpgroup_fence_operand(tSrS);
         Bar::arrive(&ss.empty_k[s]);
-        if (x.n_blocks == 1) Bar::arrive(&ss.empty_q);
+        if (x.n_blocks == 1) Bar::arrive(&ss.empty_q[qb]);
         softmax(m0, 0);
         convert_p();
       }
@@ -403,13 +424,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         Bar::wait(&ss.full_k[sk], (ik / kStages) & 1);
         Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
         turn_wait();
-        wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, sk), tSrS);
+        qk(tSrK(_, _, _, sk));
         wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
         turn_pass();
         warpgroup_wait<1>();  // S(n) is ready; P(n-1) V(n-1) may still run
         warpgroup_fence_operand(tSrS);
         Bar::arrive(&ss.empty_k[sk]);
-        if (n == x.n_blocks - 1) Bar::arrive(&ss.empty_q);
+        if (n == x.n_blocks - 1) Bar::arrive(&ss.empty_q[qb]);
         softmax(m0, n * BN);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
@@ -455,7 +476,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       if (leader) tma_store_wait<0>();
       cutlass::arch::NamedBarrier::sync(128, 3 + cwg);
       CUTE_UNROLL
-      for (int i = 0; i < size(tOrO); ++i) tOsO(i) = static_cast<Elem>(tOrO(i));
+      for (int i = 0; i < size(tOrO); ++i) rO(i) = static_cast<Elem>(tOrO(i));
+      copy(st_o, thr_st_o.retile_S(rO), tOsO);
       // Generic-proxy writes must be visible to the TMA (async proxy) before the store.
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(128, 3 + cwg);
