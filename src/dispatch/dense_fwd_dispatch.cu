@@ -38,11 +38,12 @@ void dispatch_head_dim(const DenseFwdArgs& a, cudaStream_t stream) {
   }
 }
 
-// Hopper path: 128 query rows per CTA (2 consumer warpgroups), 128 keys per block, 2 K/V
-// stages (bench/results/tuning.md says why).
+// Hopper path: 128 query rows per tile (2 consumer warpgroups), 128 keys per block; K/V stages:
+// 3 at head dim 64 (+3% on the seed shape), 2 at head dim 128 (a third does not fit beside the
+// two Q buffers and the output staging). bench/results/tuning.md has the measurements.
 template <typename Elem, int kHeadDim>
-using DenseFwdSm90Config =
-    kernels::sm90::Config<typename CuteElem<Elem>::type, kHeadDim, /*kBlockN=*/128, /*kStages=*/2>;
+using DenseFwdSm90Config = kernels::sm90::Config<typename CuteElem<Elem>::type, kHeadDim,
+                                                 /*kBlockN=*/128, /*kStages=*/kHeadDim == 64 ? 3 : 2>;
 
 template <typename Elem>
 void dispatch_head_dim_sm90(const DenseFwdArgs& a, cudaStream_t stream) {
@@ -65,9 +66,9 @@ DensePath env_path() {
 
 std::atomic<DensePath> g_override{DensePath::kAuto};
 
-// Automatic choice on a capable GPU. Stays sm80 until the sm90 kernel is measured faster on the
-// seed and long suites (bench/results/tuning.md).
-constexpr DensePath kAutoOnHopper = DensePath::kSm80;
+// Automatic choice on a capable GPU: the sm90 kernel, measured faster than the sm80 one on every
+// seed and long shape (1.25-1.84x on an H100, bench/results/tuning.md).
+constexpr DensePath kAutoOnHopper = DensePath::kSm90;
 
 }  // namespace
 
