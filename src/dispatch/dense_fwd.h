@@ -32,4 +32,17 @@ DenseFwdArgs make_fwd_args(const TensorView& q, const TensorView& k, const Tenso
 // Picks the kernel for (arch, dtype, head dim) and launches it on `stream`.
 void dense_fwd_cuda(const DenseFwdArgs& args, int device, cudaStream_t stream);
 
+// Which dense-forward kernel family runs. kAuto: the Hopper (sm_90a, TMA + wgmma) kernel on a
+// compute-capability-9.0 GPU when this binary carries its sm_90a machine code and TMA can
+// describe the views, else the sm_80 kernel. The environment variable BSK_DENSE_PATH=sm80|sm90
+// (read once) forces a family; a forced sm90 still falls back to sm80 where sm90 cannot run.
+enum class DensePath { kAuto, kSm80, kSm90 };
+
+// Test hook: overrides BSK_DENSE_PATH for this process; kAuto restores it. Not thread-safe
+// against concurrent launches (tests switch it between cases).
+void set_dense_path_override(DensePath path);
+
+// Whether the sm90 kernel can run on `device` (cc 9.0 and sm_90a code in this binary).
+bool dense_sm90_available(int device);
+
 }  // namespace bsk::detail

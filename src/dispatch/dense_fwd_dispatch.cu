@@ -1,13 +1,18 @@
-// Dense forward dispatch: (arch, dtype, head dim) -> one kernel configuration. Four
-// instantiations in all (2 dtypes x 2 head dims); causal masking and ragged lengths are runtime
-// branches taken only on the blocks that need them.
+// Dense forward dispatch: (path, dtype, head dim) -> one kernel configuration. Four
+// instantiations per path (2 dtypes x 2 head dims); causal masking and ragged lengths are runtime
+// branches taken only on the blocks that need them. Path: sm90 (Hopper, TMA + wgmma) or sm80
+// (mma.sync, any GPU of cc >= 8.0); see DensePath in dense_fwd.h.
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "bsk/error.h"
 #include "common/cuda_check.h"
 #include "dispatch/dense_fwd.h"
 #include "dispatch/dense_fwd_launch.cuh"
+#include "dispatch/dense_fwd_sm90_launch.cuh"
 
 namespace bsk::detail {
 namespace {
@@ -33,7 +38,59 @@ void dispatch_head_dim(const DenseFwdArgs& a, cudaStream_t stream) {
   }
 }
 
+// Hopper path: 128 query rows per tile (2 consumer warpgroups), 128 keys per block; K/V stages:
+// 3 at head dim 64 (+3% on the seed shape), 2 at head dim 128 (a third does not fit beside the
+// two Q buffers and the output staging). bench/results/tuning.md has the measurements.
+template <typename Elem, int kHeadDim>
+using DenseFwdSm90Config = kernels::sm90::Config<typename CuteElem<Elem>::type, kHeadDim,
+                                                 /*kBlockN=*/128, /*kStages=*/kHeadDim == 64 ? 3 : 2>;
+
+template <typename Elem>
+void dispatch_head_dim_sm90(const DenseFwdArgs& a, cudaStream_t stream) {
+  if (a.head_dim == 64) return launch_dense_fwd_sm90<DenseFwdSm90Config<Elem, 64>>(a, stream);
+  return launch_dense_fwd_sm90<DenseFwdSm90Config<Elem, 128>>(a, stream);
+}
+
+// BSK_DENSE_PATH, read once.
+DensePath env_path() {
+  static const DensePath path = [] {
+    const char* v = std::getenv("BSK_DENSE_PATH");
+    if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return DensePath::kAuto;
+    if (std::strcmp(v, "sm80") == 0) return DensePath::kSm80;
+    if (std::strcmp(v, "sm90") == 0) return DensePath::kSm90;
+    throw InvalidArgument("BSK_DENSE_PATH",
+                          std::string("must be sm80, sm90 or auto, got '") + v + "'");
+  }();
+  return path;
+}
+
+std::atomic<DensePath> g_override{DensePath::kAuto};
+
+// Automatic choice on a capable GPU: the sm90 kernel, measured faster than the sm80 one on every
+// seed and long shape (1.25-1.84x on an H100, bench/results/tuning.md).
+constexpr DensePath kAutoOnHopper = DensePath::kSm90;
+
 }  // namespace
+
+void set_dense_path_override(DensePath path) { g_override.store(path); }
+
+bool dense_sm90_available(int device) {
+#ifdef BSK_HAS_SM90A
+  if (device_cc(device) != 90) return false;
+  // The sm_90a machine code must be what the driver loaded: a plain sm_90 or PTX image would
+  // hold the empty stand-in body (kernels/dense_fwd_sm90.cuh).
+  static const bool loaded = [] {
+    cudaFuncAttributes attr{};
+    BSK_CUDA_CHECK(cudaFuncGetAttributes(
+        &attr, kernels::sm90::dense_fwd_sm90_kernel<DenseFwdSm90Config<__half, 64>>));
+    return attr.binaryVersion == 90;
+  }();
+  return loaded;
+#else
+  (void)device;
+  return false;
+#endif
+}
 
 void dense_fwd_cuda(const DenseFwdArgs& a, int device, cudaStream_t stream) {
   const int cc = device_cc(device);
@@ -41,13 +98,20 @@ void dense_fwd_cuda(const DenseFwdArgs& a, int device, cudaStream_t stream) {
     throw Unsupported("dense attention needs a GPU of compute capability 8.0 or newer; cuda:" +
                       std::to_string(device) + " is " + std::to_string(cc / 10) + "." +
                       std::to_string(cc % 10));
-  switch (a.dtype) {
-    case DType::kFloat16: return dispatch_head_dim<__half>(a, stream);
-    case DType::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(a, stream);
-    default:
-      throw InvalidArgument("q", std::string("dtype must be float16 or bfloat16 on CUDA, got ") +
-                                     dtype_name(a.dtype));
-  }
+  if (a.dtype != DType::kFloat16 && a.dtype != DType::kBFloat16)
+    throw InvalidArgument("q", std::string("dtype must be float16 or bfloat16 on CUDA, got ") +
+                                   dtype_name(a.dtype));
+  if (a.head_dim != 64 && a.head_dim != 128)
+    throw InvalidArgument("q", "head dim must be 64 or 128 on CUDA, got " +
+                                   std::to_string(a.head_dim));
+  DensePath path = g_override.load();
+  if (path == DensePath::kAuto) path = env_path();
+  if (path == DensePath::kAuto) path = kAutoOnHopper;
+  const bool sm90 = path == DensePath::kSm90 && dense_sm90_available(device) && sm90_supports(a);
+  if (a.dtype == DType::kFloat16)
+    return sm90 ? dispatch_head_dim_sm90<__half>(a, stream) : dispatch_head_dim<__half>(a, stream);
+  return sm90 ? dispatch_head_dim_sm90<__nv_bfloat16>(a, stream)
+              : dispatch_head_dim<__nv_bfloat16>(a, stream);
 }
 
 }  // namespace bsk::detail

@@ -23,6 +23,7 @@
 
 #include "api/validate.h"
 #include "bsk/bsk.h"
+#include "dispatch/dense_fwd.h"
 
 #ifndef BSK_PY_CUDA_ARCHS
 #define BSK_PY_CUDA_ARCHS ""
@@ -312,6 +313,20 @@ NB_MODULE(_C, m) {
   m.def("sparsek_scores", &sparsek_scores, nb::arg("x"), nb::arg("w_score"), nb::arg("slope"),
         nb::arg("u"),
         "The paper's scorer u[b,h,j] = x[b,j,:] . w_score[:,h] + slope[h] * j (float32 CPU).");
+  m.def(
+      "_set_dense_path",
+      [](const std::string& path) {
+        using bsk::detail::DensePath;
+        if (path == "auto") return bsk::detail::set_dense_path_override(DensePath::kAuto);
+        if (path == "sm80") return bsk::detail::set_dense_path_override(DensePath::kSm80);
+        if (path == "sm90") return bsk::detail::set_dense_path_override(DensePath::kSm90);
+        throw bsk::InvalidArgument("path", "must be auto, sm80 or sm90, got '" + path + "'");
+      },
+      nb::arg("path"),
+      "Test hook: force the dense kernel family for this process (overrides BSK_DENSE_PATH); "
+      "'auto' restores the default choice.");
+  m.def("_dense_sm90_available", &bsk::detail::dense_sm90_available, nb::arg("device"),
+        "Whether the Hopper (sm_90a) dense kernel can run on this CUDA device.");
   m.def("cuda_archs", &cuda_archs, "The CUDA archs this build has machine code for.");
   m.def("version", []() { return std::string(BSK_VERSION); }, "libbsk's version string.");
 }

@@ -22,6 +22,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -34,6 +35,7 @@
 #include <cuda_runtime_api.h>
 
 #include "gpu_test_util.h"
+#include "dispatch/dense_fwd.h"  // DensePath: every case runs on each kernel family
 
 namespace {
 
@@ -107,11 +109,22 @@ TEST(StreamType, IsCudaStreamT) {
          "that includes a CUDA header before bsk/tensor.h references a different symbol";
 }
 
-class DenseGpuTest : public ::testing::TestWithParam<GpuCase> {};
+using bsk::detail::DensePath;
+
+// Each case runs once per kernel family (sm80: mma.sync, any GPU; sm90: TMA + wgmma, Hopper
+// only, skipped elsewhere), forced through the dispatcher's test hook.
+class DenseGpuTest : public ::testing::TestWithParam<std::tuple<GpuCase, DensePath>> {
+ protected:
+  void TearDown() override { bsk::detail::set_dense_path_override(DensePath::kAuto); }
+};
 
 TEST_P(DenseGpuTest, MatchesReference) {
   REQUIRE_GPU();
-  check_case(GetParam());
+  const DensePath path = std::get<1>(GetParam());
+  if (path == DensePath::kSm90 && !bsk::detail::dense_sm90_available(0))
+    GTEST_SKIP() << "the sm90 kernel needs a compute-capability-9.0 GPU and sm_90a code";
+  bsk::detail::set_dense_path_override(path);
+  check_case(std::get<0>(GetParam()));
 }
 
 const GpuCase kGpuCases[] = {
@@ -136,10 +149,14 @@ const GpuCase kGpuCases[] = {
     {"BHSD_bf16", 1, 150, 190, 4, 4, 128, false, DType::kBFloat16, true},
 };
 
-INSTANTIATE_TEST_SUITE_P(Cases, DenseGpuTest, ::testing::ValuesIn(kGpuCases),
-                         [](const ::testing::TestParamInfo<GpuCase>& info) {
-                           return info.param.name;
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Cases, DenseGpuTest,
+    ::testing::Combine(::testing::ValuesIn(kGpuCases),
+                       ::testing::Values(DensePath::kSm80, DensePath::kSm90)),
+    [](const ::testing::TestParamInfo<std::tuple<GpuCase, DensePath>>& info) {
+      return std::get<0>(info.param).name +
+             (std::get<1>(info.param) == DensePath::kSm90 ? "_sm90" : "_sm80");
+    });
 
 // ---- CUDA-side argument errors (need a GPU: cudaPointerGetAttributes must work) --------------
 
