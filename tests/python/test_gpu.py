@@ -281,3 +281,15 @@ def test_opcheck_cuda():
     q, k, v = (randn((1, 40, 4, 64), torch.float16, s) for s in (38, 39, 40))
     torch.library.opcheck(torch.ops.blackwell_sparsek.attention_fwd.default,
                           (q, k[:, :, :2], v[:, :, :2], True, None))
+
+
+def test_no_keys_gives_zero_rows():
+    """Skv = 0: every row sees no key (out 0, lse -inf) on both kernel families; the Hopper path
+    once crashed the process building a TMA descriptor with a dimension of size 0."""
+    q = randn((2, 5, 4, 64), torch.float16, 41)
+    k = torch.empty((2, 0, 2, 64), device="cuda", dtype=torch.float16)
+    for causal in (False, True):
+        out, lse = bsk.attention(q, k, k, causal=causal, return_lse=True)
+        torch.cuda.synchronize()
+        assert torch.equal(out, torch.zeros_like(out))
+        assert torch.equal(lse, torch.full_like(lse, -math.inf))
