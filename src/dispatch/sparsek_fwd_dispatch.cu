@@ -116,15 +116,18 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
 
   // Scores must be finite: checked on the device, then one synchronization to raise the error.
   sk::Scores scores{a.u, a.u_stride[0], a.u_stride[1], a.u_stride[2], d.heads_kv, n};
-  auto* bad = ws.at<unsigned long long>(o_bad);
-  BSK_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, sizeof(unsigned long long), stream));
-  sk::encode_scores_kernel<<<grid_for(items, 256), 256, 0, stream>>>(
-      scores, nseg, select ? ws.at<unsigned long long>(o_keys_in) : nullptr,
-      select ? ws.at<int>(o_vals_in) : nullptr, bad);
-  BSK_CUDA_CHECK_LAUNCH();
-  unsigned long long first_bad = 0;
-  BSK_CUDA_CHECK(cudaMemcpyAsync(&first_bad, bad, sizeof(first_bad), cudaMemcpyDeviceToHost, stream));
-  BSK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  unsigned long long first_bad = ~0ull;
+  if (items > 0) {  // Skv = 0: no score to check (and no grid to launch)
+    auto* bad = ws.at<unsigned long long>(o_bad);
+    BSK_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, sizeof(unsigned long long), stream));
+    sk::encode_scores_kernel<<<grid_for(items, 256), 256, 0, stream>>>(
+        scores, nseg, select ? ws.at<unsigned long long>(o_keys_in) : nullptr,
+        select ? ws.at<int>(o_vals_in) : nullptr, bad);
+    BSK_CUDA_CHECK_LAUNCH();
+    BSK_CUDA_CHECK(
+        cudaMemcpyAsync(&first_bad, bad, sizeof(first_bad), cudaMemcpyDeviceToHost, stream));
+    BSK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
   if (first_bad != ~0ull) {
     const unsigned long long e = first_bad - 1;
     const int64_t seg = static_cast<int64_t>(e / n), j = static_cast<int64_t>(e % n);

@@ -111,3 +111,13 @@ def test_opcheck():
     u = randn((1, 2, 40), torch.float32, 22)
     torch.library.opcheck(torch.ops.blackwell_sparsek.sparsek_fwd.default,
                           (q, k, k, u, 6, 4, "key_value", None))
+
+
+def test_no_keys_gives_zero_rows():
+    """Skv = 0 (found by the fuzz suite: the score check launched an empty grid)."""
+    q = randn((1, 3, 2, 64), torch.float16, 23)
+    k = torch.empty((1, 0, 1, 64), device="cuda", dtype=torch.float16)
+    u = torch.empty((1, 1, 0), device="cuda")
+    out, lse = bsk.sparsek_attention(q, k, k, u, 4, 2, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(lse, torch.full_like(lse, float("-inf")))
