@@ -13,6 +13,7 @@
 #include <string>
 
 #include "test_util.h"
+#include "api/validate.h"
 
 namespace {
 
@@ -495,6 +496,22 @@ TEST_F(Validation, SparseKScoresMustBeFinite) {
     hu.set({1, 0, 5}, saved);
   }
   EXPECT_NO_THROW(sparse());
+}
+
+// An empty tensor addresses nothing, so the CUDA layout rules (16-byte alignment, strides in
+// multiples of 8 elements) do not apply to it; the fuzz suite found Skv = 0 with a sliced V
+// (stride 134 in dim 0) refused on the GPU although the same call is valid.
+TEST(CudaLayoutRules, EmptyTensorsAreExempt) {
+  HostTensor a(DType::kFloat16, {2, 1, 1, 64}), o(DType::kFloat16, {2, 1, 1, 64});
+  HostTensor b(DType::kFloat16, {2, 1, 1, 64});
+  TensorView Q = a.view(kCuda0), O = o.view(kCuda0), K = b.view(kCuda0);
+  K.shape[1] = 0;  // Skv = 0
+  TensorView V = K;
+  V.stride[0] = 134;
+  EXPECT_NO_THROW(bsk::detail::check_attention_args(Q, K, V, O, nullptr));
+  V.shape[1] = 1;  // no longer empty: the rule applies again
+  K.shape[1] = 1;
+  EXPECT_THROW(bsk::detail::check_attention_args(Q, K, V, O, nullptr), bsk::InvalidArgument);
 }
 
 }  // namespace

@@ -189,14 +189,14 @@ def test_poisoned_outputs_fully_written(causal):
     v = randn((B, Skv, H, D), torch.float16, 17)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((B, H, Sq), float("nan"), device="cuda")
-    _C.attention_forward(dl(q), dl(k), dl(v), dl(out), dl(lse), causal, 0.0,
+    _C.attention_forward(dl(q), dl(k), dl(v), dl(out), dl(lse), causal, None,
                          torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     check_accuracy(q, k, v, causal, out, lse)
     # lse=None: out alone is written.
     out2 = torch.full_like(q, float("nan"))
-    _C.attention_forward(dl(q), dl(k), dl(v), dl(out2), None, causal, 0.0,
+    _C.attention_forward(dl(q), dl(k), dl(v), dl(out2), None, causal, None,
                          torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     assert torch.equal(out2, out)
