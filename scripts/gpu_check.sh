@@ -19,17 +19,7 @@ export PYTHONUNBUFFERED=1
 suites=${BSK_BENCH_SUITES:-seed sparsek-prefill}
 export BSK_CMAKE_ARGS="${BSK_CMAKE_ARGS:-} -DBSK_BUILD_TUNING=ON"
 
-summary=()
-step() {  # step NAME COMMAND...: runs, logs to $logs/NAME.log, records status and time
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "=== $name: $*"
-  "$@" >"$logs/$name.log" 2>&1
-  local rc=$?
-  tail -n 25 "$logs/$name.log"
-  summary+=("$(printf '%-22s %-5s %5ss' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL:$rc)" $((SECONDS - t0)))")
-  return $rc
-}
+source scripts/step.sh
 
 step env bash -c 'nvidia-smi; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,driver_version --format=csv; nvcc --version; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version())"'
 step deps bash -c 'source scripts/deps.sh'

@@ -10,17 +10,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build/sm90_check}
 mkdir -p "$OUT"
-summary=()
-step() {
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "=== $name: $*"
-  "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -n 15 "$OUT/$name.log"
-  summary+=("$(printf '%-12s %-8s %5ss' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL:$rc)" $((SECONDS - t0)))")
-  return $rc
-}
+logs=$OUT STEP_TAIL=15
+source scripts/step.sh
 step env bash -c 'nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,driver_version --format=csv; nvcc --version | tail -2; date -u'
 step deps bash -c 'source scripts/deps.sh'
 inc=$(python3 -c "import importlib.util as u, os; s = u.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include'))")
