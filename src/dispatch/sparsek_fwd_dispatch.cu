@@ -21,6 +21,8 @@ namespace sk = kernels::sparsek;
 
 // 128 rows per CTA (4 warps, two 16-row tiles each, like the dense kernel): up to 4 query heads
 // of one KV group times 32..128 positions, so gathered K/V rows serve several heads at once.
+// Head dim 128 takes 32-key blocks and Q from shared memory: with 64-key blocks (or Q in
+// registers at head dim 64) the selection masks push the kernel past 255 registers and it spills.
 template <typename Elem, int kHeadDim>
 using SparseKSm80Config =
     kernels::DenseFwdConfig<Elem, kHeadDim, /*kBlockM=*/128, /*kBlockN=*/kHeadDim == 64 ? 64 : 32,
@@ -168,7 +170,6 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
   }
   if (a.budget > 0) {
     sk::ListParams lp{};
-    lp.sorted_u = select ? ws.at<float>(o_sorted_u) : nullptr;
     lp.sorted_j = select ? ws.at<int>(o_sorted_j) : nullptr;
     lp.rank = select ? ws.at<int>(o_rank) : nullptr;
     lp.thr_u = select ? ws.at<float>(o_thr_u) : nullptr;
@@ -181,8 +182,7 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
     lp.seqlen_q = d.seqlen_q;
     lp.k = a.budget;
     lp.w = a.window;
-    lp.block_m = sk::kListRows;
-    lp.q_tiles = list_tiles;
+    lp.tiles = list_tiles;
     sk::list_kernel<<<dim3(list_tiles, nseg), sk::kSelectThreads, 0, stream>>>(lp);
     BSK_CUDA_CHECK_LAUNCH();
   }

@@ -333,16 +333,15 @@ __global__ void __launch_bounds__(64) select_walk_kernel(const SelectParams p,
 constexpr int kListRows = 128;
 
 struct ListParams {
-  const float* sorted_u;
   const int* sorted_j;
   const int* rank;
   const float* thr_u;
   const int* thr_j;
   Scores scores;
-  int* list;     // [segments, q_tiles, cap]
-  int* count;    // [segments, q_tiles]
-  int cap;       // k + block_m
-  int n, seqlen_q, k, w, block_m, q_tiles;
+  int* list;     // [segments, tiles, cap]: per kListRows query positions
+  int* count;    // [segments, tiles]
+  int cap;       // min(k, n) + kListRows
+  int n, seqlen_q, k, w, tiles;
 };
 
 __host__ __device__ __forceinline__ int candidates_of_row(int t, int seqlen_q, int seqlen_k, int w) {
@@ -357,10 +356,10 @@ __host__ __device__ __forceinline__ int candidates_of_row(int t, int seqlen_q, i
 __global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p) {
   __shared__ BlockScanInt::TempStorage tmp;
   const int qt = blockIdx.x, seg = blockIdx.y, tid = threadIdx.x;
-  const int t0 = qt * p.block_m, t1 = min(t0 + p.block_m, p.seqlen_q);
+  const int t0 = qt * kListRows, t1 = min(t0 + kListRows, p.seqlen_q);
   const int m_first = candidates_of_row(t0, p.seqlen_q, p.n, p.w);
   const int m_last = candidates_of_row(t1 - 1, p.seqlen_q, p.n, p.w);
-  int* out = p.list + (static_cast<int64_t>(seg) * p.q_tiles + qt) * p.cap;
+  int* out = p.list + (static_cast<int64_t>(seg) * p.tiles + qt) * p.cap;
   int written = 0;
   if (m_first <= p.k) {  // every candidate of the block is in: the kernel reads [0, m_last)
     written = m_last;
@@ -382,7 +381,7 @@ __global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p
         },
         [&](int x, int r) { out_new[r] = m_first + x; }, tmp);
   }
-  if (tid == 0) p.count[static_cast<int64_t>(seg) * p.q_tiles + qt] = written;
+  if (tid == 0) p.count[static_cast<int64_t>(seg) * p.tiles + qt] = written;
 }
 
 }  // namespace bsk::kernels::sparsek
