@@ -6,7 +6,7 @@ import sys
 import torch
 
 import blackwell_sparsek as bsk
-from blackwell_sparsek.bench_sparsek import HKV, K, W, inputs
+from blackwell_sparsek.bench_sparsek import K, W, inputs
 
 S = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 q, k, v, u = inputs(S, 0)

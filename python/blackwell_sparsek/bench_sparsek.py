@@ -13,9 +13,7 @@ problem (S=2048) against the float64 reference. Writes <out>/sparsek-prefill-<gp
 import argparse
 import datetime
 import json
-import math
 import os
-import statistics
 import sys
 
 import torch

@@ -4,7 +4,6 @@
 // Four kernel instantiations (2 dtypes x 2 head dims).
 #include <cub/device/device_radix_sort.cuh>
 
-#include <climits>
 #include <string>
 
 #include "bsk/error.h"
