@@ -40,15 +40,16 @@ if [ -x $build/tests/cpp/bsk_tests ]; then
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
     $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpuTest*/Seed*:*DenseGpuTest*/S17*:*DenseGpuTest*/D128*:*SparseKGpuTest*/Basic*:*SparseKGpuTest*/Chunks*:*SparseKGpuTest*/GQA*:*SparseKGpuTest*/SqLtSkv*'
 fi
-# The fuzz suite's CUDA tests with 10x the examples of the "ci" profile (the test step above ran
+# The fuzz suite's CUDA tests with 30x the examples of the "ci" profile (the test step above ran
 # the whole file with "ci"), then a few of them again under memcheck (compute-sanitizer slows every
 # kernel a hundredfold).
 step fuzz_gpu env BSK_HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -rs -p no:cacheprovider \
-  tests/python/test_fuzz.py -k cuda
+  --hypothesis-show-statistics tests/python/test_fuzz.py -k cuda
 # --report-api-errors no: torch probes the CUDA API at start-up and expects some calls to fail;
 # memory errors in kernels are still reported and fail the step.
 step fuzz_memcheck env BSK_HYPOTHESIS_PROFILE=sanitizer compute-sanitizer --tool memcheck \
-  --report-api-errors no --error-exitcode 1 python3 -m pytest -q -rs -p no:cacheprovider tests/python/test_fuzz.py -k cuda
+  --report-api-errors no --error-exitcode 1 python3 -m pytest -q -rs -p no:cacheprovider \
+  --hypothesis-show-statistics tests/python/test_fuzz.py -k cuda
 [ -x $build/bsk_dense_tune ] && step tune $build/bsk_dense_tune
 fi
 for s in $suites; do
