@@ -45,4 +45,8 @@ void set_dense_path_override(DensePath path);
 // Whether the sm90 kernel can run on `device` (cc 9.0 and sm_90a code in this binary).
 bool dense_sm90_available(int device);
 
+// Whether the Hopper kernel family runs on `device`: the path that BSK_DENSE_PATH or the test hook
+// selects (automatic: Hopper on cc 9.0) and dense_sm90_available. The SparseK kernels follow it too.
+bool hopper_path_selected(int device);
+
 }  // namespace bsk::detail

@@ -92,6 +92,13 @@ bool dense_sm90_available(int device) {
 #endif
 }
 
+bool hopper_path_selected(int device) {
+  DensePath path = g_override.load();
+  if (path == DensePath::kAuto) path = env_path();
+  if (path == DensePath::kAuto) path = kAutoOnHopper;
+  return path == DensePath::kSm90 && dense_sm90_available(device);
+}
+
 void dense_fwd_cuda(const DenseFwdArgs& a, int device, cudaStream_t stream) {
   const int cc = device_cc(device);
   if (cc < 80)
@@ -104,10 +111,7 @@ void dense_fwd_cuda(const DenseFwdArgs& a, int device, cudaStream_t stream) {
   if (a.head_dim != 64 && a.head_dim != 128)
     throw InvalidArgument("q", "head dim must be 64 or 128 on CUDA, got " +
                                    std::to_string(a.head_dim));
-  DensePath path = g_override.load();
-  if (path == DensePath::kAuto) path = env_path();
-  if (path == DensePath::kAuto) path = kAutoOnHopper;
-  const bool sm90 = path == DensePath::kSm90 && dense_sm90_available(device) && sm90_supports(a);
+  const bool sm90 = hopper_path_selected(device) && sm90_supports(a);
   if (a.dtype == DType::kFloat16)
     return sm90 ? dispatch_head_dim_sm90<__half>(a, stream) : dispatch_head_dim<__half>(a, stream);
   return sm90 ? dispatch_head_dim_sm90<__nv_bfloat16>(a, stream)

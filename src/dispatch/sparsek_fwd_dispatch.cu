@@ -1,7 +1,8 @@
 // SparseK forward on CUDA: score check + radix sort (CUB) -> selection -> per-block key lists ->
 // fused attention kernel, all on the caller's stream. Scratch memory comes from the stream-ordered
 // allocator (cudaMallocAsync), so repeated calls reuse the pool instead of calling cudaMalloc.
-// Four kernel instantiations (2 dtypes x 2 head dims).
+// Four kernel instantiations per path (2 dtypes x 2 head dims): sm90 (Hopper) where the dense
+// path selection picks Hopper (hopper_path_selected), sm80 elsewhere.
 #include <cub/device/device_radix_sort.cuh>
 
 #include <string>
@@ -10,7 +11,9 @@
 #include "common/cuda_check.h"
 #include "dispatch/sparsek_fwd.h"
 #include "dispatch/dense_fwd_launch.cuh"
+#include "dispatch/dense_fwd_sm90_launch.cuh"
 #include "kernels/sparsek_fwd_sm80.cuh"
+#include "kernels/sparsek_fwd_sm90.cuh"
 #include "kernels/sparsek_select.cuh"
 
 namespace bsk::detail {
@@ -73,8 +76,24 @@ void launch_attention(const SparseKFwdArgs& a, const kernels::SparseKFwdParams<t
   BSK_CUDA_CHECK_LAUNCH();
 }
 
+// Hopper: the dense sm90 kernel's consumer pipeline (128 x 128 blocks, 2 stages) behind a
+// cp.async gather producer (kernels/sparsek_fwd_sm90.cuh).
+template <typename Elem, int kHeadDim>
+void launch_attention_sm90(const SparseKFwdArgs& a, const kernels::SparseKFwdParams<Elem>& p,
+                           cudaStream_t stream) {
+  using Cfg = kernels::sm90::SparseKConfig<typename CuteElem<Elem>::type, kHeadDim>;
+  auto* kernel = kernels::sm90::sparsek_fwd_sm90_kernel<Cfg, Elem>;
+  BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      Cfg::kSmemBytes));
+  const int positions = 128 / p.heads;
+  const dim3 grid((a.attn.seqlen_q + positions - 1) / positions, a.attn.heads_q / p.heads,
+                  a.attn.batch);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  BSK_CUDA_CHECK_LAUNCH();
+}
+
 template <typename Elem>
-void run(const SparseKFwdArgs& a, cudaStream_t stream) {
+void run(const SparseKFwdArgs& a, bool sm90, cudaStream_t stream) {
   const DenseFwdArgs& d = a.attn;
   const int n = d.seqlen_k, nseg = d.batch * d.heads_kv;
   const int group = d.heads_q / d.heads_kv;
@@ -203,6 +222,10 @@ void run(const SparseKFwdArgs& a, cudaStream_t stream) {
   p.window = a.window;
   p.gate_logits = a.gate == Gate::kKeyValue;
 
+  if (sm90) {
+    if (d.head_dim == 64) return launch_attention_sm90<Elem, 64>(a, p, stream);
+    if (d.head_dim == 128) return launch_attention_sm90<Elem, 128>(a, p, stream);
+  }
   switch (d.head_dim) {
     case 64: return launch_attention<SparseKSm80Config<Elem, 64>>(a, p, stream);
     case 128: return launch_attention<SparseKSm80Config<Elem, 128>>(a, p, stream);
@@ -220,9 +243,12 @@ void sparsek_fwd_cuda(const SparseKFwdArgs& a, int device, cudaStream_t stream) 
     throw Unsupported("SparseK attention needs a GPU of compute capability 8.0 or newer; cuda:" +
                       std::to_string(device) + " is " + std::to_string(cc / 10) + "." +
                       std::to_string(cc % 10));
+  // Empty problems stay on the sm80 kernel (its grid handles them; nothing to gain).
+  const bool sm90 = hopper_path_selected(device) && a.attn.batch > 0 && a.attn.seqlen_q > 0 &&
+                    a.attn.heads_q > 0;
   switch (a.attn.dtype) {
-    case DType::kFloat16: return run<__half>(a, stream);
-    case DType::kBFloat16: return run<__nv_bfloat16>(a, stream);
+    case DType::kFloat16: return run<__half>(a, sm90, stream);
+    case DType::kBFloat16: return run<__nv_bfloat16>(a, sm90, stream);
     default:
       throw InvalidArgument("q", std::string("dtype must be float16 or bfloat16 on CUDA, got ") +
                                      dtype_name(a.attn.dtype));

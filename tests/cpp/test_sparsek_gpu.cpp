@@ -9,6 +9,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "dispatch/dense_fwd.h"  // DensePath: every case runs on each kernel family
 #include "gpu_test_util.h"
 
 namespace {
@@ -92,11 +93,22 @@ void check_case(const SparseKCase& c) {
   expect_same_bits(out, lse, out2, lse2);
 }
 
-class SparseKGpuTest : public ::testing::TestWithParam<SparseKCase> {};
+using bsk::detail::DensePath;
+
+// Each case runs on both kernel families (sm80: mma.sync, any GPU; sm90: wgmma behind a cp.async
+// gather producer, Hopper only, skipped elsewhere), forced through the dispatcher's test hook.
+class SparseKGpuTest : public ::testing::TestWithParam<std::tuple<SparseKCase, DensePath>> {
+ protected:
+  void TearDown() override { bsk::detail::set_dense_path_override(DensePath::kAuto); }
+};
 
 TEST_P(SparseKGpuTest, MatchesReference) {
   REQUIRE_GPU();
-  check_case(GetParam());
+  const DensePath path = std::get<1>(GetParam());
+  if (path == DensePath::kSm90 && !bsk::detail::dense_sm90_available(0))
+    GTEST_SKIP() << "the sm90 kernel needs a compute-capability-9.0 GPU and sm_90a code";
+  bsk::detail::set_dense_path_override(path);
+  check_case(std::get<0>(GetParam()));
 }
 
 constexpr auto kKV = Gate::kKeyValue;
@@ -128,12 +140,20 @@ const SparseKCase kCases[] = {
     {"GQA32to8_kv_bf16", 1, 200, 200, 32, 8, 128, 24, 16, kKV, Scores::kNormal, kBF16},
     {"MQA_value_fp16", 1, 180, 180, 8, 1, 64, 24, 16, kV, Scores::kTies, kF16},
     {"BHSD_kv_fp16", 2, 260, 260, 4, 2, 64, 30, 20, kKV, Scores::kNormal, kF16, true},
+    // Many key blocks per CTA: several selected blocks from key lists, a window band of several
+    // blocks, 4 query heads per CTA (the pipelines' stage and slot rings wrap many times).
+    {"Long_kv_bf16", 1, 2500, 2500, 8, 2, 128, 384, 200, kKV, Scores::kNormal, kBF16},
+    {"Long_value_fp16", 1, 2100, 2100, 4, 1, 64, 300, 260, kV, Scores::kRamp, kF16},
 };
 
-INSTANTIATE_TEST_SUITE_P(Cases, SparseKGpuTest, ::testing::ValuesIn(kCases),
-                         [](const ::testing::TestParamInfo<SparseKCase>& info) {
-                           return info.param.name;
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Cases, SparseKGpuTest,
+    ::testing::Combine(::testing::ValuesIn(kCases),
+                       ::testing::Values(DensePath::kSm80, DensePath::kSm90)),
+    [](const ::testing::TestParamInfo<std::tuple<SparseKCase, DensePath>>& info) {
+      return std::get<0>(info.param).name +
+             (std::get<1>(info.param) == DensePath::kSm90 ? "_sm90" : "_sm80");
+    });
 
 class SparseKGpuErrors : public ::testing::Test {
  protected:

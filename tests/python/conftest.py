@@ -170,3 +170,17 @@ def sparsek_oracle(q, k, v, u, kb, w, gate, scale=None):
                 out[b, t, h] = (p.unsqueeze(1) * torch.stack(rows)).sum(0)
                 lse[b, h, t] = torch.logsumexp(lt, 0)
     return out, lse
+
+
+@pytest.fixture(params=["sm80", "sm90"])
+def kernel_path(request):
+    """Parametrizes a test over the CUDA kernel families, forced through the dispatcher's hook:
+    sm80 (mma.sync, any GPU) and sm90 (Hopper only, skipped elsewhere). Dense and SparseK follow it."""
+    from blackwell_sparsek import _C
+    if request.param == "sm90" and not (
+        torch.cuda.is_available() and _C._dense_sm90_available(torch.cuda.current_device())
+    ):
+        pytest.skip("the sm90 dense kernel needs a compute-capability-9.0 GPU and sm_90a code")
+    _C._set_dense_path(request.param)
+    yield request.param
+    _C._set_dense_path("auto")

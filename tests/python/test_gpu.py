@@ -23,16 +23,12 @@ pytestmark = pytest.mark.cuda
 FLOOR = 1e-5
 
 
-@pytest.fixture(autouse=True, params=["sm80", "sm90"])
-def dense_path(request):
-    """Runs every test here once per dense kernel family (sm90: Hopper only, skipped elsewhere)."""
-    if request.param == "sm90" and not (
-        torch.cuda.is_available() and _C._dense_sm90_available(torch.cuda.current_device())
-    ):
-        pytest.skip("the sm90 dense kernel needs a compute-capability-9.0 GPU and sm_90a code")
-    _C._set_dense_path(request.param)
-    yield request.param
-    _C._set_dense_path("auto")
+@pytest.fixture(autouse=True)
+def dense_path(kernel_path):
+    """Runs every test here once per kernel family (conftest.kernel_path)."""
+    return kernel_path
+
+
 HALF = [torch.float16, torch.bfloat16]
 
 

@@ -1,0 +1,424 @@
+// SparseK attention forward for Hopper (sm_90a): the dense Hopper kernel's consumer pipeline
+// (dense_fwd_sm90.cuh: wgmma Q K^T from shared memory, online softmax in registers, P V with P
+// from registers, S(n) overlapped with P(n-1) V(n-1)) fed by a producer warpgroup that gathers
+// key rows instead of loading boxes with TMA. Same CTA as the sm80 SparseK kernel
+// (sparsek_fwd_sm80.cuh): 128 rows = `heads` query heads of one KV group x 128 / heads positions,
+// over two kinds of 128-key blocks in one online softmax: the block's selected keys (list from
+// sparsek_select.cuh, masked per row by the threshold key and gated), then the window band.
+//
+// Why the producer uses cp.async and not TMA: the selected keys are arbitrary rows, and TMA's
+// row gather (tile::gather4) exists only on sm_100. 128 producer threads copy 16-byte chunks
+// straight into the 128-byte-swizzled layout wgmma reads, and completion reaches the consumers
+// through cp.async.mbarrier.arrive (the pattern of CUTLASS's cp.async warp-specialized GEMM
+// mainloops), so the producer never waits for its own copies and keeps up to 2 K and 2 V tiles
+// in flight.
+//
+// The per-column selection data (key = order code of u << 32 | j, and u - u_ref for the gate) is
+// written with the K group into a ring one deeper than the K/V stages: consumers read it in the
+// softmax after they have released the K stage, and slot nb % (kStages + 1) is rewritten only
+// once every consumer thread has released K(nb - kStages), i.e. finished softmax(nb - kStages - 1).
+//
+// Epilogue: each consumer warpgroup stages its 64 output rows in its own (no longer read) rows of
+// the Q buffer and writes them with 16-byte stores; LSE from registers. Fixed loop order, no
+// atomics: bitwise reproducible.
+#pragma once
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/dense_fwd_sm90.cuh"
+#include "kernels/sparsek_fwd_sm80.cuh"
+
+namespace bsk::kernels::sm90 {
+
+template <typename Elem_, int kHeadDim_>
+struct SparseKConfig {
+  // The dense kernel's tiles, MMAs and shared-memory layouts (128 x 128 blocks, 2 K/V stages).
+  using Base = Config<Elem_, kHeadDim_, /*kBlockN=*/128, /*kStages=*/2>;
+  using Elem = Elem_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = Base::kBlockM, kBlockN = Base::kBlockN;
+  static constexpr int kStages = Base::kStages, kMetaSlots = kStages + 1;
+  static constexpr int kConsumerWGs = Base::kConsumerWGs, kThreads = Base::kThreads;
+  // The producer computes gather addresses, so it keeps more registers than the dense one:
+  // 128*40 + 256*232 = 64512 <= 65536.
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+
+  struct SharedStorage {
+    cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutK>, 1024> k;
+    cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutK>, 1024> v;
+    unsigned long long key[kMetaSlots][kBlockN];
+    float du[kMetaSlots][kBlockN];
+    SparseKRow rows[kBlockM];  // per query position of the CTA (written by the producer)
+    // Per selected block (meta slot) and producer warp: bit 0, some column is not selected by
+    // every row; bit 1, some gate is fractional. Zero lets the consumers skip the per-element
+    // selection work: the best-ranked keys, most of a list, are in for every row with gate 1.
+    uint32_t flags[kMetaSlots][4];
+    int rowidx[2][kBlockN];  // global key row per column of the block being loaded (producer)
+    SparseKRow bound[4];  // per producer warp: max threshold key, min m, max gate offset
+    uint64_t full_q, full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
+};
+
+template <class Cfg, typename RawElem>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    sparsek_fwd_sm90_kernel(const __grid_constant__ SparseKFwdParams<RawElem> p) {
+#ifdef BSK_SM90A_DEVICE
+  using Elem = typename Cfg::Elem;
+  using Base = typename Cfg::Base;
+  static_assert(sizeof(Elem) == sizeof(RawElem));
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, D = Cfg::kHeadDim, kStages = Cfg::kStages;
+  constexpr int kMeta = Cfg::kMetaSlots;
+  constexpr int kConsumers = 128 * Cfg::kConsumerWGs;
+  constexpr float kNegInf = -INFINITY;
+  using SS = typename Cfg::SharedStorage;
+  using Bar = cutlass::arch::ClusterBarrier;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  SS& ss = *reinterpret_cast<SS*>(smem_raw);
+  if (threadIdx.x == 0) {
+    // Producer arrivals per phase: 128 for the copies (noinc), + 128 after the plain stores.
+    Bar::init(&ss.full_q, 256);
+    for (int s = 0; s < kStages; ++s) {
+      Bar::init(&ss.full_k[s], 256);
+      Bar::init(&ss.full_v[s], 128);
+      Bar::init(&ss.empty_k[s], kConsumers);  // every consumer thread, once read
+      Bar::init(&ss.empty_v[s], kConsumers);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Base::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Base::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Base::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Base::SmemLayoutVt{});
+
+  // ---- the CTA's rows and key blocks (as in the sm80 kernel) ----
+  const DenseFwdParams<RawElem>& at = p.attn;
+  const int positions = BM / p.heads;
+  const int qt = blockIdx.x, h0 = blockIdx.y * p.heads, b = blockIdx.z;
+  const int hk = h0 / at.group, seg = b * p.heads_kv + hk;
+  const int m0 = qt * positions;
+  const int diag = at.seqlen_k - at.seqlen_q;  // row t sits at absolute position t + diag
+  const int t_last = min(m0 + positions, at.seqlen_q) - 1;
+  const int i_first = m0 + diag, i_last = t_last + diag;
+  auto cand = [&](int t) {  // candidates of position t; 0 past Sq (never stored) and for k = 0
+    const int i = t + diag;
+    return (p.budget == 0 || t >= at.seqlen_q || i < 0) ? 0 : max(0, i - p.window + 1);
+  };
+  auto thr_at = [&](int m) { return static_cast<int64_t>(seg) * (at.seqlen_k + 1) + m; };
+  const int m_last = cand(t_last);
+  const float u_ref = m_last > p.budget ? p.thr_u[thr_at(m_last)] : 0.f;
+
+  const int lt = m0 / sparsek::kListRows;
+  const int64_t li = static_cast<int64_t>(seg) * p.list_tiles + lt;
+  const int n_sel = p.budget > 0 ? p.count[li] : 0;
+  const int* list = p.list + li * p.list_cap;
+  const bool all_in = lt * sparsek::kListRows + diag - p.window + 1 <= p.budget;
+  const int sel_blocks = (n_sel + BN - 1) / BN;
+  int win_first = 0, win_blocks = 0;
+  if (p.window > 0 && i_last >= 0) {
+    win_first = max(0, i_first - p.window + 1) / BN;
+    win_blocks = i_last / BN - win_first + 1;
+  }
+  const int n_blocks = sel_blocks + win_blocks;
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    // ---- producer warpgroup: gathers Q, K and V rows with cp.async ----
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
+    const int tid = threadIdx.x;
+    constexpr int kChunks = D / 8;              // 16-byte chunks per row
+    constexpr int kRowsPerPass = 128 / kChunks;  // 8 (D = 128) or 16 (D = 64)
+    const int r0 = tid / kChunks, c = (tid % kChunks) * 8;
+    const auto* qg = reinterpret_cast<const Elem*>(at.q) + b * at.q_sb;
+    const auto* kg = reinterpret_cast<const Elem*>(at.k) + b * at.k_sb + hk * at.k_sh;
+    const auto* vg = reinterpret_cast<const Elem*>(at.v) + b * at.v_sb + hk * at.v_sh;
+    const float* ug = p.u + b * p.u_sb + hk * p.u_sh;
+    auto cp16 = [](const Elem* src, Elem* dst, bool valid) {
+      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
+                                                       *reinterpret_cast<uint128_t*>(dst), valid);
+    };
+    // The stage's "full" barrier completes when every producer thread's copies have landed
+    // (cp.async.mbarrier.arrive.noinc: the hardware arrives once the thread's earlier cp.async
+    // are done, so no thread waits for its own copies) and, for Q and K, when every producer
+    // thread has also arrived normally after writing the plain shared-memory data that goes with
+    // them (row and column selection state): the normal arrive releases those stores.
+    auto acquire = [&](uint64_t* empty, int parity) { Bar::wait(empty, parity); };
+    auto copies_arrive = [](uint64_t* full) { cutlass::arch::cpasync_barrier_arrive_noinc(full); };
+
+    for (int r = r0; r < BM; r += kRowsPerPass) {
+      const int t = m0 + r % positions, h = h0 + r / positions;
+      const bool valid = t < at.seqlen_q;
+      cp16(qg + h * at.q_sh + (valid ? t : 0) * at.q_ss + c, &sQ(r, c), valid);
+    }
+    // The rows' selection state lives in shared memory, not in consumer registers (which the
+    // two accumulators already fill): candidates, threshold key, gate offset.
+    // Bounds over the valid rows, for the per-block flags: a column whose key beats the highest
+    // threshold, whose index is below the fewest candidates and whose u clears the largest gate
+    // offset by 1 is selected by every row with gate 1.
+    SparseKRow bound{0ull, INT_MAX, kNegInf};
+    if (tid < positions) {
+      SparseKRow row{0ull, cand(m0 + tid), kNegInf};
+      if (row.m > p.budget) {
+        const float thr = p.thr_u[thr_at(row.m)];
+        row.thr_key = sparsek_key(thr, p.thr_j[thr_at(row.m)]);
+        row.b = (thr - u_ref) + p.tau_rel[thr_at(row.m)];
+      }
+      ss.rows[tid] = row;
+      if (m0 + tid < at.seqlen_q) bound = row;
+    }
+    copies_arrive(&ss.full_q);
+    Bar::arrive(&ss.full_q);
+    CUTE_UNROLL
+    for (int o = 16; o > 0; o /= 2) {
+      bound.thr_key = max(bound.thr_key, __shfl_xor_sync(0xffffffffu, bound.thr_key, o));
+      bound.m = min(bound.m, __shfl_xor_sync(0xffffffffu, bound.m, o));
+      bound.b = fmaxf(bound.b, __shfl_xor_sync(0xffffffffu, bound.b, o));
+    }
+    if (tid % 32 == 0) ss.bound[tid / 32] = bound;
+    cutlass::arch::NamedBarrier::sync(128, 5);  // producer warpgroup only
+    CUTE_UNROLL
+    for (int w = 0; w < 4; ++w) {
+      const SparseKRow o = ss.bound[w];
+      bound.thr_key = max(bound.thr_key, o.thr_key);
+      bound.m = min(bound.m, o.m);
+      bound.b = fmaxf(bound.b, o.b);
+    }
+
+    // Global row of slot `slot` of block nb (-1: zero-filled, never selected or masked).
+    auto row_of = [&](int nb, int slot) {
+      if (nb < sel_blocks) {
+        const int s = nb * BN + slot;
+        return s >= n_sel ? -1 : (all_in ? s : __ldg(list + s));
+      }
+      const int j = (win_first + nb - sel_blocks) * BN + slot;
+      return j < at.seqlen_k ? j : -1;
+    };
+    // Per block, each producer thread fetches the global row of one key column (one list read)
+    // and its score; the rows' indices go through shared memory to the 16 threads copying each
+    // row. The next block's index and score are fetched while this block's copies are issued.
+    auto score_of = [&](int nb, int j) { return nb < sel_blocks && j >= 0 ? ug[j * p.u_sj] : 0.f; };
+    int j_next = n_blocks > 0 ? row_of(0, tid) : -1;
+    float x_next = score_of(0, j_next);
+    for (int nb = 0; nb < n_blocks; ++nb) {
+      const int s = nb % kStages, parity = ((nb / kStages) & 1) ^ 1;
+      const int jc = j_next;
+      const float x = x_next;
+      int* const rowidx = ss.rowidx[nb & 1];
+      rowidx[tid] = jc;
+      // Also orders the previous block's reads of this buffer (two blocks ago) before the write
+      // above for every thread: each passed the previous barrier after its last read.
+      cutlass::arch::NamedBarrier::sync(128, 5);
+      if (nb + 1 < n_blocks) j_next = row_of(nb + 1, tid);
+      acquire(&ss.empty_k[s], parity);
+      for (int r = r0; r < BN; r += kRowsPerPass) {
+        const int j = rowidx[r];
+        cp16(kg + (j >= 0 ? j : 0) * at.k_ss + c, &sK(r, c, s), j >= 0);
+      }
+      copies_arrive(&ss.full_k[s]);
+      if (nb < sel_blocks) {
+        const int slot = nb % kMeta;
+        // An empty slot's index 0xffffffff is past every m: never selected.
+        const unsigned long long key = jc >= 0 ? sparsek_key(x, jc) : 0xffffffffull;
+        ss.key[slot][tid] = key;
+        ss.du[slot][tid] = x - u_ref;
+        // (x - u_ref) - b_row >= (x - u_ref) - bound.b in floats too: the consumers' gate is 1.
+        const bool all_rows = jc >= 0 && key >= bound.thr_key && jc < bound.m;
+        const bool gate_one = jc < 0 || (x - u_ref) - bound.b >= 1.f;
+        const uint32_t f = (__any_sync(0xffffffffu, !all_rows) ? 1u : 0u) |
+                           (__any_sync(0xffffffffu, !gate_one) ? 2u : 0u);
+        if (tid % 32 == 0) ss.flags[slot][tid / 32] = f;
+      }
+      Bar::arrive(&ss.full_k[s]);
+      acquire(&ss.empty_v[s], parity);
+      for (int r = r0; r < BN; r += kRowsPerPass) {
+        const int j = rowidx[r];
+        cp16(vg + (j >= 0 ? j : 0) * at.v_ss + c, &sV(r, c, s), j >= 0);
+      }
+      copies_arrive(&ss.full_v[s]);
+      if (nb + 1 < n_blocks) x_next = score_of(nb + 1, j_next);
+    }
+    // Exiting is safe with copies in flight: they complete and arrive on their own.
+    static_assert(BN == 128, "one producer thread per key column");
+  } else {
+    // ---- consumers: the dense kernel's pipeline, with SparseK masks and gates ----
+    cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>();
+    const int tid = threadIdx.x - 128;
+    const int cwg = tid / 128;
+    typename Base::MmaQK mma_qk;
+    typename Base::MmaPV mma_pv;
+    auto thr_qk = mma_qk.get_thread_slice(tid);
+    auto thr_pv = mma_pv.get_thread_slice(tid);
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, N, K, stage)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, N, K, stage)
+    Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
+    Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<D>>{});
+    Tensor rP = make_tensor<Elem>(tSrS.layout());
+    Tensor tOrP = make_tensor(rP.data(), acc_as_a(tSrS.layout()));
+    Tensor S = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+    Tensor O = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+    Tensor cS = thr_qk.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+    Tensor cSrc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
+    Tensor cO = thr_pv.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+    Tensor cOrc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
+    constexpr int kRows = size<0>(S.layout());
+    static_assert(kRows == 2);
+
+    auto pos_of = [&](int r) { return get<0>(cSrc(r, 0)) % positions; };
+    float row_m[kRows], row_l[kRows], corr[kRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) row_m[r] = kNegInf, row_l[r] = 0.f;
+    clear(tOrO);
+
+    // Mask, gate and online softmax of block nb's S: leaves the P V weights in S (gated for
+    // selected keys; the denominator takes the ungated weight, spec table) and the factor that
+    // rescales O in corr.
+    auto softmax = [&](int nb) {
+      const int slot = nb % kMeta;
+      // Selected blocks where some row drops a key or has a fractional gate; the others are
+      // dense blocks (same results: the skipped mask changes nothing and the gates are 1).
+      const bool selected = nb < sel_blocks && (ss.flags[slot][0] | ss.flags[slot][1] |
+                                                ss.flags[slot][2] | ss.flags[slot][3]) != 0;
+      if (selected) {
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const SparseKRow row = ss.rows[pos_of(r)];
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(S); ++c) {
+            const int col = get<1>(cSrc(r, c));
+            const unsigned long long key = ss.key[slot][col];
+            if (key < row.thr_key || static_cast<uint32_t>(key) >= static_cast<uint32_t>(row.m))
+              S(r, c) = kNegInf;
+            else if (p.gate_logits)
+              S(r, c) *= __saturatef(ss.du[slot][col] - row.b);
+          }
+        }
+      } else if (nb >= sel_blocks) {
+        const int n0 = (win_first + nb - sel_blocks) * BN;
+        if (n0 <= i_last - p.window || n0 + BN - 1 > i_first) {  // not inside every row's window
+          CUTE_UNROLL
+          for (int r = 0; r < kRows; ++r) {
+            const int i = m0 + pos_of(r) + diag;
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(S); ++c) {
+              const int j = n0 + get<1>(cSrc(r, c));
+              if (j > i || j <= i - p.window) S(r, c) = kNegInf;
+            }
+          }
+        }
+      }
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        float mx = row_m[r];
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base = mx == kNegInf ? 0.f : mx * at.scale_log2;
+        corr[r] = fast_exp2(row_m[r] * at.scale_log2 - base);
+        row_m[r] = mx;
+        float sum = 0.f;
+        const float rb = selected ? ss.rows[pos_of(r)].b : 0.f;
+        const float* du = ss.du[slot];
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); ++c) {
+          float pe = fast_exp2(fmaf(S(r, c), at.scale_log2, -base));
+          sum += pe;
+          if (selected) pe *= __saturatef(du[get<1>(cSrc(r, c))] - rb);
+          S(r, c) = pe;
+        }
+        row_l[r] = row_l[r] * corr[r] + sum;
+      }
+    };
+    auto convert_p = [&] {
+      CUTE_UNROLL
+      for (int i = 0; i < size(rP); ++i) rP(i) = static_cast<Elem>(tSrS(i));
+    };
+
+    Bar::wait(&ss.full_q, 0);
+    if (n_blocks > 0) {
+      Bar::wait(&ss.full_k[0], 0);
+      wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      Bar::arrive(&ss.empty_k[0]);
+      softmax(0);
+      convert_p();
+    }
+    for (int n = 1; n < n_blocks; ++n) {
+      const int sk = n % kStages, sv = (n - 1) % kStages;
+      Bar::wait(&ss.full_k[sk], (n / kStages) & 1);
+      Bar::wait(&ss.full_v[sv], ((n - 1) / kStages) & 1);
+      wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, sk), tSrS);
+      wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+      warpgroup_wait<1>();  // S(n) is ready; P(n-1) V(n-1) may still run
+      warpgroup_fence_operand(tSrS);
+      Bar::arrive(&ss.empty_k[sk]);
+      softmax(n);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(rP);
+      Bar::arrive(&ss.empty_v[sv]);
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r)
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(O); ++c) O(r, c) *= corr[r];
+      convert_p();
+    }
+    if (n_blocks > 0) {
+      const int iv = n_blocks - 1, sv = iv % kStages;
+      Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
+      wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(rP);
+      Bar::arrive(&ss.empty_v[sv]);
+    }
+
+    // ---- epilogue: normalize, LSE, O staged in this warpgroup's Q rows, 16-byte stores ----
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float l = row_l[r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(O); ++c) O(r, c) *= inv;
+      const int rr = get<0>(cOrc(r, 0));
+      const int t = m0 + rr % positions, h = h0 + rr / positions;
+      if (at.lse != nullptr && tid % 4 == 0 && t < at.seqlen_q)
+        at.lse[b * at.lse_sb + h * at.lse_sh + t * at.lse_ss] =
+            l > 0.f ? row_m[r] * at.softmax_scale + logf(l) : kNegInf;
+    }
+    // This warpgroup's last Q K^T has completed (waited above), so its 64 Q rows are free:
+    // stage O there with stmatrix (as the dense kernel does), then 16-byte global stores.
+    Tensor sOw = local_tile(sQ, Shape<_64, Int<D>>{}, make_coord(cwg, 0));
+    auto st_o = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Elem>{}, typename Base::MmaPV1{});
+    auto thr_st_o = st_o.get_thread_slice(tid % 128);
+    {
+      Tensor rO = make_tensor<Elem>(tOrO.layout());
+      CUTE_UNROLL
+      for (int i = 0; i < size(tOrO); ++i) rO(i) = static_cast<Elem>(tOrO(i));
+      copy(st_o, thr_st_o.retile_S(rO), thr_st_o.partition_D(sOw));
+    }
+    cutlass::arch::NamedBarrier::sync(128, 3 + cwg);
+    constexpr int kChunks = D / 8;
+    auto* og = reinterpret_cast<Elem*>(at.out) + b * at.o_sb;
+    for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+      const int rw = i / kChunks, cc = (i % kChunks) * 8, rr = 64 * cwg + rw;
+      const int t = m0 + rr % positions, h = h0 + rr / positions;
+      if (t < at.seqlen_q)
+        *reinterpret_cast<uint128_t*>(og + h * at.o_sh + t * at.o_ss + cc) =
+            *reinterpret_cast<const uint128_t*>(&sOw(rw, cc));
+    }
+  }
+#endif
+}
+
+}  // namespace bsk::kernels::sm90
