@@ -40,9 +40,8 @@ struct SparseKConfig {
   static constexpr int kHeadDim = kHeadDim_, kBlockM = Base::kBlockM, kBlockN = Base::kBlockN;
   static constexpr int kStages = Base::kStages, kMetaSlots = kStages + 1;
   static constexpr int kConsumerWGs = Base::kConsumerWGs, kThreads = Base::kThreads;
-  // The producer computes gather addresses, so it keeps more registers than the dense one:
-  // 128*40 + 256*232 = 64512 <= 65536.
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  // As in the dense kernel: 128*24 + 256*240 = 64512 <= 65536.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 
   struct SharedStorage {
     cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutQ>, 1024> q;
@@ -134,6 +133,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int tid = threadIdx.x;
     constexpr int kChunks = D / 8;              // 16-byte chunks per row
     constexpr int kRowsPerPass = 128 / kChunks;  // 8 (D = 128) or 16 (D = 64)
+    // The 128-byte swizzle repeats every 8 rows and the tile stacks its 8 x 64 atoms down the
+    // rows first, so a thread's destination moves by a fixed 64 * kRowsPerPass elements per pass
+    // (the tests would catch a layout where it does not).
+    constexpr int kPassElems = 64 * kRowsPerPass;
+    static_assert(kRowsPerPass % 8 == 0);
     const int r0 = tid / kChunks, c = (tid % kChunks) * 8;
     const auto* qg = reinterpret_cast<const Elem*>(at.q) + b * at.q_sb;
     const auto* kg = reinterpret_cast<const Elem*>(at.k) + b * at.k_sb + hk * at.k_sh;
@@ -182,12 +186,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     if (tid % 32 == 0) ss.bound[tid / 32] = bound;
     cutlass::arch::NamedBarrier::sync(128, 5);  // producer warpgroup only
-    CUTE_UNROLL
-    for (int w = 0; w < 4; ++w) {
-      const SparseKRow o = ss.bound[w];
-      bound.thr_key = max(bound.thr_key, o.thr_key);
-      bound.m = min(bound.m, o.m);
-      bound.b = fmaxf(bound.b, o.b);
+    // Thread 0 combines the warps' bounds into ss.bound[0]; the other threads read it only after
+    // the first block's barrier below. Kept in shared memory: the producer has 24 registers.
+    if (tid == 0) {
+      CUTE_UNROLL
+      for (int w = 1; w < 4; ++w) {
+        const SparseKRow o = ss.bound[w];
+        bound.thr_key = max(bound.thr_key, o.thr_key);
+        bound.m = min(bound.m, o.m);
+        bound.b = fmaxf(bound.b, o.b);
+      }
+      ss.bound[0] = bound;
     }
 
     // Global row of slot `slot` of block nb (-1: zero-filled, never selected or masked).
@@ -216,9 +225,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       cutlass::arch::NamedBarrier::sync(128, 5);
       if (nb + 1 < n_blocks) j_next = row_of(nb + 1, tid);
       acquire(&ss.empty_k[s], parity);
-      for (int r = r0; r < BN; r += kRowsPerPass) {
-        const int j = rowidx[r];
-        cp16(kg + (j >= 0 ? j : 0) * at.k_ss + c, &sK(r, c, s), j >= 0);
+      Elem* const k_dst = &sK(r0, c, s);
+      CUTE_UNROLL
+      for (int i = 0; i < BN / kRowsPerPass; ++i) {
+        const int j = rowidx[r0 + i * kRowsPerPass];
+        cp16(kg + (j >= 0 ? j : 0) * at.k_ss + c, k_dst + i * kPassElems, j >= 0);
       }
       copies_arrive(&ss.full_k[s]);
       if (nb < sel_blocks) {
@@ -228,6 +239,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         ss.key[slot][tid] = key;
         ss.du[slot][tid] = x - u_ref;
         // (x - u_ref) - b_row >= (x - u_ref) - bound.b in floats too: the consumers' gate is 1.
+        const SparseKRow bound = ss.bound[0];
         const bool all_rows = jc >= 0 && key >= bound.thr_key && jc < bound.m;
         const bool gate_one = jc < 0 || (x - u_ref) - bound.b >= 1.f;
         const uint32_t f = (__any_sync(0xffffffffu, !all_rows) ? 1u : 0u) |
@@ -236,9 +248,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
       Bar::arrive(&ss.full_k[s]);
       acquire(&ss.empty_v[s], parity);
-      for (int r = r0; r < BN; r += kRowsPerPass) {
-        const int j = rowidx[r];
-        cp16(vg + (j >= 0 ? j : 0) * at.v_ss + c, &sV(r, c, s), j >= 0);
+      Elem* const v_dst = &sV(r0, c, s);
+      CUTE_UNROLL
+      for (int i = 0; i < BN / kRowsPerPass; ++i) {
+        const int j = rowidx[r0 + i * kRowsPerPass];
+        cp16(vg + (j >= 0 ? j : 0) * at.v_ss + c, v_dst + i * kPassElems, j >= 0);
       }
       copies_arrive(&ss.full_v[s]);
       if (nb + 1 < n_blocks) x_next = score_of(nb + 1, j_next);
