@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
   st.ck = s_pos;  // exists: m > k keys are active
   st.ref = su[st.ck];
 
-  // tau lies in [thr - 1, thr). Narrow it to within 2^-kBisect in parallel, so the walk starts
+  // tau lies in [thr - 1, thr). Bisect it to within 2^-kBisect in parallel, so the walk starts
   // right below it: starting at thr - 1 instead, one thread would cross every breakpoint of the
   // band one at a time (thousands at long lengths). f(t) = #active keys with u >= thr + 1 plus the
   // clipped sum over the active keys with thr - 1 < u < thr + 1 (positions [p_hi, p_lo)).
@@ -225,34 +225,18 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
     int above = 0;
     for (int pos = threadIdx.x; pos < p_hi; pos += kSelectThreads) above += sj[pos] < m;
     const double base = ReduceI(tmp.ri).Sum(above);
-    // Each pass over the band evaluates f at kSplit - 1 evenly spaced points of the bracket at
-    // once and keeps the sub-interval where f crosses k: kPasses passes instead of kBisect
-    // (the band is read once per pass; at 128K tokens it holds tens of thousands of keys).
-    constexpr int kSplit = 8, kPasses = (kBisect + 2) / 3;  // 3 bits per pass
-    __shared__ double s_f[kSplit];
+    __shared__ double s_f;
     double lo = -1.0, hi = 0.0;  // f(lo) >= k > f(hi), relative to ref
-    for (int it = 0; it < kPasses; ++it) {
-      const double step = (hi - lo) / kSplit;
-      double part[kSplit - 1] = {};
+    for (int it = 0; it < kBisect; ++it) {
+      const double mid = 0.5 * (lo + hi);
+      double part = 0.0;
       for (int pos = p_hi + threadIdx.x; pos < p_lo; pos += kSelectThreads)
-        if (sj[pos] < m) {
-          const double x = static_cast<double>(su[pos]) - st.ref - lo;
-#pragma unroll
-          for (int q = 1; q < kSplit; ++q)
-            part[q - 1] += fmin(fmax(x - q * step, 0.0), 1.0);
-        }
-#pragma unroll
-      for (int q = 1; q < kSplit; ++q) {
-        __syncthreads();
-        const double f = ReduceD(tmp.rd).Sum(part[q - 1]);
-        if (threadIdx.x == 0) s_f[q] = f + base;
-      }
+        if (sj[pos] < m) part += fmin(fmax(static_cast<double>(su[pos]) - st.ref - mid, 0.0), 1.0);
       __syncthreads();
-      int q = 0;  // largest q with f(lo + q * step) >= k (q = 0: lo itself)
-      while (q + 1 < kSplit && s_f[q + 1] >= p.k) ++q;
-      const double nlo = lo + q * step;
-      hi = q + 1 < kSplit ? lo + (q + 1) * step : hi;
-      lo = nlo;
+      const double f = ReduceD(tmp.rd).Sum(part);
+      if (threadIdx.x == 0) s_f = f + base;
+      __syncthreads();
+      if (s_f >= p.k) lo = mid; else hi = mid;
     }
     st.tau0 = lo;
     st.pa = first_below(0, lo + 1.0, false);
