@@ -15,8 +15,8 @@
 //
 // The per-column selection data (key = order code of u << 32 | j, and u - u_ref for the gate) is
 // written with the K group into a ring one deeper than the K/V stages: consumers read it in the
-// softmax after they have released the K stage, and slot nb % (kStagesK + 1) is rewritten only
-// once every consumer thread has released K(nb - kStagesK), i.e. finished softmax(nb - kStagesK - 1).
+// softmax after they have released the K stage, and slot nb % (kStages + 1) is rewritten only
+// once every consumer thread has released K(nb - kStages), i.e. finished softmax(nb - kStages - 1).
 //
 // Epilogue: each consumer warpgroup stages its 64 output rows in its own (no longer read) rows of
 // the Q buffer and writes them with 16-byte stores; LSE from registers. Fixed loop order, no
@@ -38,20 +38,14 @@ struct SparseKConfig {
   using Base = Config<Elem_, kHeadDim_, /*kBlockN=*/128, /*kStages=*/2>;
   using Elem = Elem_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = Base::kBlockM, kBlockN = Base::kBlockN;
-  // K gets one more stage than V (Base's 2): gathered rows arrive with more latency than TMA
-  // boxes, and K is needed first in every iteration. 3 K + 2 V stages of 32 KiB beside Q fit at
-  // head dim 128; 3 of each do not.
-  static constexpr int kStagesK = 3, kStagesV = Base::kStages, kMetaSlots = kStagesK + 1;
-  using SmemLayoutK = decltype(tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Elem_>{},
-                                             cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>,
-                                                         cute::Int<kStagesK>>{}));
+  static constexpr int kStages = Base::kStages, kMetaSlots = kStages + 1;
   static constexpr int kConsumerWGs = Base::kConsumerWGs, kThreads = Base::kThreads;
   // As in the dense kernel: 128*24 + 256*240 = 64512 <= 65536.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 
   struct SharedStorage {
     cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutQ>, 1024> q;
-    cute::array_aligned<Elem, cute::cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutK>, 1024> k;
     cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutK>, 1024> v;
     unsigned long long key[kMetaSlots][kBlockN];
     float du[kMetaSlots][kBlockN];
@@ -60,9 +54,9 @@ struct SparseKConfig {
     // every row; bit 1, some gate is fractional. Zero lets the consumers skip the per-element
     // selection work: the best-ranked keys, most of a list, are in for every row with gate 1.
     uint32_t flags[kMetaSlots][4];
-    int rowidx[3][kBlockN];  // global key row per column of the blocks being loaded (producer)
+    int rowidx[2][kBlockN];  // global key row per column of the block being loaded (producer)
     SparseKRow bound[4];  // per producer warp: max threshold key, min m, max gate offset
-    uint64_t full_q, full_k[kStagesK], full_v[kStagesV], empty_k[kStagesK], empty_v[kStagesV];
+    uint64_t full_q, full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
@@ -75,8 +69,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   using Elem = typename Cfg::Elem;
   using Base = typename Cfg::Base;
   static_assert(sizeof(Elem) == sizeof(RawElem));
-  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, D = Cfg::kHeadDim;
-  constexpr int kStagesK = Cfg::kStagesK, kStagesV = Cfg::kStagesV;
+  constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, D = Cfg::kHeadDim, kStages = Cfg::kStages;
   constexpr int kMeta = Cfg::kMetaSlots;
   constexpr int kConsumers = 128 * Cfg::kConsumerWGs;
   constexpr float kNegInf = -INFINITY;
@@ -88,12 +81,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x == 0) {
     // Producer arrivals per phase: 128 for the copies (noinc), + 128 after the plain stores.
     Bar::init(&ss.full_q, 256);
-    for (int s = 0; s < kStagesK; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       Bar::init(&ss.full_k[s], 256);
-      Bar::init(&ss.empty_k[s], kConsumers);  // every consumer thread, once read
-    }
-    for (int s = 0; s < kStagesV; ++s) {
       Bar::init(&ss.full_v[s], 128);
+      Bar::init(&ss.empty_k[s], kConsumers);  // every consumer thread, once read
       Bar::init(&ss.empty_v[s], kConsumers);
     }
     cutlass::arch::fence_barrier_init();
@@ -101,7 +92,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Base::SmemLayoutQ{});
-  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Cfg::SmemLayoutK{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Base::SmemLayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Base::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Base::SmemLayoutVt{});
 
@@ -223,15 +214,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     auto score_of = [&](int nb, int j) { return nb < sel_blocks && j >= 0 ? ug[j * p.u_sj] : 0.f; };
     int j_next = n_blocks > 0 ? row_of(0, tid) : -1;
     float x_next = score_of(0, j_next);
-    // K(nb): also writes the block's selection data and fetches the next block's index and score.
-    auto issue_k = [&](int nb) {
-      const int s = nb % kStagesK, parity = ((nb / kStagesK) & 1) ^ 1;
+    for (int nb = 0; nb < n_blocks; ++nb) {
+      const int s = nb % kStages, parity = ((nb / kStages) & 1) ^ 1;
       const int jc = j_next;
       const float x = x_next;
-      int* const rowidx = ss.rowidx[nb % 3];
+      int* const rowidx = ss.rowidx[nb & 1];
       rowidx[tid] = jc;
-      // Also orders every thread's last reads of this buffer (block nb - 3, whose V went out
-      // before the previous barrier) before the write above.
+      // Also orders the previous block's reads of this buffer (two blocks ago) before the write
+      // above for every thread: each passed the previous barrier after its last read.
       cutlass::arch::NamedBarrier::sync(128, 5);
       if (nb + 1 < n_blocks) j_next = row_of(nb + 1, tid);
       acquire(&ss.empty_k[s], parity);
@@ -257,11 +247,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         if (tid % 32 == 0) ss.flags[slot][tid / 32] = f;
       }
       Bar::arrive(&ss.full_k[s]);
-      if (nb + 1 < n_blocks) x_next = score_of(nb + 1, j_next);
-    };
-    auto issue_v = [&](int nb) {
-      const int s = nb % kStagesV, parity = ((nb / kStagesV) & 1) ^ 1;
-      const int* const rowidx = ss.rowidx[nb % 3];
       acquire(&ss.empty_v[s], parity);
       Elem* const v_dst = &sV(r0, c, s);
       CUTE_UNROLL
@@ -270,13 +255,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         cp16(vg + (j >= 0 ? j : 0) * at.v_ss + c, v_dst + i * kPassElems, j >= 0);
       }
       copies_arrive(&ss.full_v[s]);
-    };
-    // K runs one block ahead of V: K(nb + 1) goes out before V(nb), so a full V ring never holds
-    // back the next K.
-    if (n_blocks > 0) issue_k(0);
-    for (int nb = 0; nb < n_blocks; ++nb) {
-      if (nb + 1 < n_blocks) issue_k(nb + 1);
-      issue_v(nb);
+      if (nb + 1 < n_blocks) x_next = score_of(nb + 1, j_next);
     }
     // Exiting is safe with copies in flight: they complete and arrive on their own.
     static_assert(BN == 128, "one producer thread per key column");
@@ -387,9 +366,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       convert_p();
     }
     for (int n = 1; n < n_blocks; ++n) {
-      const int sk = n % kStagesK, sv = (n - 1) % kStagesV;
-      Bar::wait(&ss.full_k[sk], (n / kStagesK) & 1);
-      Bar::wait(&ss.full_v[sv], ((n - 1) / kStagesV) & 1);
+      const int sk = n % kStages, sv = (n - 1) % kStages;
+      Bar::wait(&ss.full_k[sk], (n / kStages) & 1);
+      Bar::wait(&ss.full_v[sv], ((n - 1) / kStages) & 1);
       wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, sk), tSrS);
       wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
       warpgroup_wait<1>();  // S(n) is ready; P(n-1) V(n-1) may still run
@@ -407,8 +386,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       convert_p();
     }
     if (n_blocks > 0) {
-      const int iv = n_blocks - 1, sv = iv % kStagesV;
-      Bar::wait(&ss.full_v[sv], (iv / kStagesV) & 1);
+      const int iv = n_blocks - 1, sv = iv % kStages;
+      Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
       wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
