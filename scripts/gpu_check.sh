@@ -50,7 +50,7 @@ step fuzz_gpu env BSK_HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -rs -p no:cach
 step fuzz_memcheck env BSK_HYPOTHESIS_PROFILE=sanitizer compute-sanitizer --tool memcheck \
   --report-api-errors no --error-exitcode 1 python3 -m pytest -q -rs -p no:cacheprovider \
   --hypothesis-show-statistics tests/python/test_fuzz.py -k cuda
-[ -x $build/bsk_dense_tune ] && step tune $build/bsk_dense_tune
+[ -x $build/bsk_dense_tune ] && [ -z "${BSK_SKIP_TUNE:-}" ] && step tune $build/bsk_dense_tune
 fi
 for s in $suites; do
   if [ "$s" = sparsek-prefill ]; then
