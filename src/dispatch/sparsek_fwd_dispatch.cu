@@ -105,7 +105,7 @@ void run(const SparseKFwdArgs& a, bool sm90, cudaStream_t stream) {
   const int64_t items = static_cast<int64_t>(nseg) * n;
 
   Workspace ws(stream);
-  const size_t o_bad = ws.reserve(sizeof(unsigned long long));
+  const size_t o_bad = ws.reserve(2 * sizeof(unsigned long long));  // non-finite, span
   size_t o_keys_in = 0, o_keys_out = 0, o_vals_in = 0, o_sorted_j = 0, o_sorted_u = 0, o_rank = 0,
          o_thr_u = 0, o_thr_j = 0, o_tau = 0, o_states = 0, o_list = 0, o_count = 0, o_cub = 0;
   const int chunks = select ? sk::ChunkPlan(n, a.budget, m_max).count() : 0;
@@ -134,29 +134,19 @@ void run(const SparseKFwdArgs& a, bool sm90, cudaStream_t stream) {
   if (a.budget > 0) o_count = ws.reserve(static_cast<int64_t>(nseg) * list_tiles * sizeof(int));
   ws.allocate();
 
-  // Scores must be finite: checked on the device, then one synchronization to raise the error.
+  // Scores must be finite (and, where a selection with soft gates runs, span at most
+  // kMaxScoreSpan within each (batch, KV head)): checked on the device, then one synchronization
+  // to raise the error.
   sk::Scores scores{a.u, a.u_stride[0], a.u_stride[1], a.u_stride[2], d.heads_kv, n};
-  unsigned long long first_bad = ~0ull;
+  unsigned long long flags[2] = {~0ull, ~0ull};
+  auto* bad = ws.at<unsigned long long>(o_bad);
   if (items > 0) {  // Skv = 0: no score to check (and no grid to launch)
-    auto* bad = ws.at<unsigned long long>(o_bad);
-    BSK_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, sizeof(unsigned long long), stream));
+    BSK_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, 2 * sizeof(unsigned long long), stream));
     sk::encode_scores_kernel<<<grid_for(items, 256), 256, 0, stream>>>(
         scores, nseg, select ? ws.at<unsigned long long>(o_keys_in) : nullptr,
         select ? ws.at<int>(o_vals_in) : nullptr, bad);
     BSK_CUDA_CHECK_LAUNCH();
-    BSK_CUDA_CHECK(
-        cudaMemcpyAsync(&first_bad, bad, sizeof(first_bad), cudaMemcpyDeviceToHost, stream));
-    BSK_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
-  if (first_bad != ~0ull) {
-    const unsigned long long e = first_bad - 1;
-    const int64_t seg = static_cast<int64_t>(e / n), j = static_cast<int64_t>(e % n);
-    throw InvalidArgument("u", "scores must be finite (no NaN or inf); u[" +
-                                   std::to_string(seg / d.heads_kv) + ", " +
-                                   std::to_string(seg % d.heads_kv) + ", " + std::to_string(j) +
-                                   "] is not");
-  }
-
   if (select) {
     BSK_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(
         ws.at<void>(o_cub), cub_bytes, ws.at<unsigned long long>(o_keys_in),
@@ -166,7 +156,34 @@ void run(const SparseKFwdArgs& a, bool sm90, cudaStream_t stream) {
         ws.at<unsigned long long>(o_keys_out), ws.at<int>(o_sorted_j), nseg, n,
         ws.at<float>(o_sorted_u), ws.at<int>(o_rank));
     BSK_CUDA_CHECK_LAUNCH();
+    if (a.gate != Gate::kNone) {  // hard top-k needs no tau: any finite span is exact
+      sk::check_span_kernel<<<(nseg + 127) / 128, 128, 0, stream>>>(ws.at<float>(o_sorted_u),
+                                                                    nseg, n, bad + 1);
+      BSK_CUDA_CHECK_LAUNCH();
+    }
+  }
+  if (items > 0) {
+    BSK_CUDA_CHECK(cudaMemcpyAsync(flags, bad, sizeof(flags), cudaMemcpyDeviceToHost, stream));
+    BSK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  if (flags[0] != ~0ull) {
+    const unsigned long long e = flags[0] - 1;
+    const int64_t seg = static_cast<int64_t>(e / n), j = static_cast<int64_t>(e % n);
+    throw InvalidArgument("u", "scores must be finite (no NaN or inf); u[" +
+                                   std::to_string(seg / d.heads_kv) + ", " +
+                                   std::to_string(seg % d.heads_kv) + ", " + std::to_string(j) +
+                                   "] is not");
+  }
+  if (flags[1] != ~0ull) {
+    const int64_t seg = static_cast<int64_t>(flags[1] - 1);
+    throw InvalidArgument("u", "on CUDA the scores of each (batch, KV head) must span at most "
+                               "2^20 (max - min <= 1048576) with gate key_value or value; u[" +
+                                   std::to_string(seg / d.heads_kv) + ", " +
+                                   std::to_string(seg % d.heads_kv) +
+                                   ", :] spans more (the CPU path takes any finite scores)");
+  }
 
+  if (select) {
     sk::SelectParams sp{};
     sp.sorted_u = ws.at<float>(o_sorted_u);
     sp.sorted_j = ws.at<int>(o_sorted_j);

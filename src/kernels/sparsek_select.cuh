@@ -58,15 +58,26 @@ __global__ void encode_scores_kernel(Scores s, int num_segments, unsigned long l
     const int seg = static_cast<int>(e / s.seqlen_k);
     const int j = s.seqlen_k - 1 - static_cast<int>(e % s.seqlen_k);
     const float x = s.at(seg, j);
-    if (!isfinite(x)) {
-      atomicMin(bad, static_cast<unsigned long long>(seg) * s.seqlen_k + j + 1);
-      continue;
-    }
-    if (keys != nullptr) {
+    if (!isfinite(x)) atomicMin(bad, static_cast<unsigned long long>(seg) * s.seqlen_k + j + 1);
+    if (keys != nullptr) {  // written for bad scores too (sorted, then the call raises)
       keys[e] = (static_cast<unsigned long long>(num_segments - 1 - seg) << 32) | order_code(x);
       vals[e] = j;
     }
   }
+}
+
+// The walk (select_walk_kernel) keeps its values relative to each chunk's first threshold in
+// float64; across a span of 2^20 they keep about 2^-33 of absolute precision, ample for the
+// gates, while a span like 1e17 would lose tau entirely. Wider spans are rejected (the CPU path
+// takes any finite scores). Flag: the first segment over the limit + 1, smallest wins.
+constexpr double kMaxScoreSpan = 1048576.0;  // 2^20
+__global__ void check_span_kernel(const float* sorted_u, int num_segments, int n,
+                                  unsigned long long* bad) {
+  const int seg = blockIdx.x * blockDim.x + threadIdx.x;
+  if (seg >= num_segments || n == 0) return;
+  const float* su = sorted_u + static_cast<int64_t>(seg) * n;
+  const double span = static_cast<double>(su[0]) - static_cast<double>(su[n - 1]);
+  if (!(span <= kMaxScoreSpan)) atomicMin(bad, static_cast<unsigned long long>(seg) + 1);
 }
 
 // After the sort: sorted scores as floats, and every key's position in its segment's order.

@@ -127,3 +127,20 @@ def test_no_keys_gives_zero_rows():
     out, lse = bsk.sparsek_attention(q, k, k, u, 4, 2, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(lse, torch.full_like(lse, float("-inf")))
+
+
+@pytest.mark.parametrize("gate", ["key_value", "value"])
+def test_scores_spanning_more_than_2_pow_20_raise(gate):
+    """Found by the GPU fuzz: six tied scores at 1e17 among zeros with k = 5 gave all-zero rows
+    (tau lost in the selection's float64 arithmetic). The CUDA path now refuses such spans."""
+    q = randn((1, 1, 1, 64), torch.float16, 1)
+    k = randn((1, 9, 1, 64), torch.float16, 2)
+    v = randn((1, 9, 1, 64), torch.float16, 3)
+    u = torch.tensor([[[1e17, 0, 1e17, 1e17, 1e17, 0, 1e17, 0, 1e17]]], device="cuda")
+    with pytest.raises(ValueError, match="span"):
+        bsk.sparsek_attention(q, k, v, u, 5, 0, gate=gate)
+    # Hard top-k needs no tau and takes any finite span; 1e6 spans are fine with every gate.
+    for uu, g in ((u, "none"), (u * 1e-11, gate)):
+        out = bsk.sparsek_attention(q, k, v, uu, 5, 0, gate=g)
+        ref = bsk.sparsek_attention(q.cpu(), k.cpu(), v.cpu(), uu.cpu(), 5, 0, gate=g)
+        torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
