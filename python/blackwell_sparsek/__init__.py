@@ -175,7 +175,9 @@ def sparsek_attention(
     and the C++ API; it is ``k_budget`` here because ``k`` is the key tensor.)
 
     Returns ``out`` or ``(out, lse)`` as :func:`attention`. CUDA tensors (fp16/bf16, head dim
-    64/128) run the GPU selection and fused kernel; CPU tensors the float64 reference.
+    64/128) run the GPU selection and fused kernel; CPU tensors the float64 reference. On CUDA,
+    gates "key_value" and "value" also need each (batch, KV head)'s scores to span at most 2^20
+    (max - min <= 1048576) when a selection runs; wider spans raise ValueError.
     """
     _validate.inputs(("q", q), ("k", k), ("v", v), ("u", u), what="bsk.sparsek_attention")
     _validate.sparsek_params(k_budget, window, gate)
