@@ -195,6 +195,22 @@ TEST_F(SparseKGpuErrors, NonFiniteScores) {
   ASSERT_EQ(cudaSuccess, cudaGetLastError());
 }
 
+// Soft gates need each (batch, KV head)'s scores to span at most 2^20 on CUDA (the selection's
+// float64 tau, relative to a nearby threshold, is lost across spans like 1e17: the GPU fuzz found
+// all-zero rows). Hard top-k takes any finite span.
+TEST_F(SparseKGpuErrors, ScoresSpanTooWideForSoftGates) {
+  hu.set({0, 1, 20}, 1e17);
+  expect_invalid([&] { call(); }, "u", "u[0, 1, :] spans more");
+  p.gate = bsk::Gate::kValue;
+  expect_invalid([&] { call(); }, "u", "span at most 2^20");
+  p.gate = bsk::Gate::kNone;
+  EXPECT_NO_THROW(call());
+  hu.set({0, 1, 20}, 1e6);  // within the limit
+  p.gate = bsk::Gate::kKeyValue;
+  EXPECT_NO_THROW(call());
+  ASSERT_EQ(cudaSuccess, cudaGetLastError());
+}
+
 TEST_F(SparseKGpuErrors, ScoresOnHost) {
   TensorView u = device_view(hu, du);
   u.data = hu.data();  // host memory marked cuda:0
