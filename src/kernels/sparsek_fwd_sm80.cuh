@@ -55,6 +55,76 @@ __device__ __forceinline__ unsigned long long sparsek_key(float u, int j) {
   return (static_cast<unsigned long long>(sparsek::order_code(u)) << 32) | static_cast<uint32_t>(j);
 }
 
+// The rows and key blocks of one CTA, the same in the sm80 and sm90 kernels: `rows` = 128 rows
+// are p.heads query heads of one KV group (blockIdx.y) times `positions` consecutive query
+// positions (blockIdx.x), batch blockIdx.z; key blocks of kBlockN keys are first the selected
+// keys (the list of the kListRows positions the CTA lies in, or the contiguous range [0, n_sel)
+// where its first row has at most k candidates), then the window band.
+template <int kBlockN, typename Elem>
+struct SparseKCta {
+  int positions, h0, b, hk, seg, m0, diag, t_last, i_first, i_last;
+  float u_ref;  // a threshold score of the CTA (the last row's), so gate offsets stay small
+  const int* list;
+  int n_sel, sel_blocks, win_first, win_blocks, n_blocks;
+  bool all_in;
+
+  __device__ SparseKCta(const SparseKFwdParams<Elem>& p, int rows) {
+    const auto& at = p.attn;
+    positions = rows / p.heads;
+    h0 = blockIdx.y * p.heads;
+    b = blockIdx.z;
+    hk = h0 / at.group;
+    seg = b * p.heads_kv + hk;
+    m0 = blockIdx.x * positions;
+    diag = at.seqlen_k - at.seqlen_q;  // row t sits at absolute position t + diag
+    t_last = min(m0 + positions, at.seqlen_q) - 1;
+    i_first = m0 + diag;
+    i_last = t_last + diag;
+    const int m_last = cand(p, t_last);
+    u_ref = m_last > p.budget ? p.thr_u[thr_at(p, m_last)] : 0.f;
+    const int lt = m0 / sparsek::kListRows;
+    const int64_t li = static_cast<int64_t>(seg) * p.list_tiles + lt;
+    n_sel = p.budget > 0 ? p.count[li] : 0;
+    list = p.list + li * p.list_cap;
+    all_in = lt * sparsek::kListRows + diag - p.window + 1 <= p.budget;
+    sel_blocks = (n_sel + kBlockN - 1) / kBlockN;
+    win_first = 0, win_blocks = 0;
+    if (p.window > 0 && i_last >= 0) {
+      win_first = max(0, i_first - p.window + 1) / kBlockN;
+      win_blocks = i_last / kBlockN - win_first + 1;
+    }
+    n_blocks = sel_blocks + win_blocks;
+  }
+  // Candidates of position t; 0 past Sq (never stored) and for k = 0.
+  __device__ int cand(const SparseKFwdParams<Elem>& p, int t) const {
+    const int i = t + diag;
+    return (p.budget == 0 || t >= p.attn.seqlen_q || i < 0) ? 0 : max(0, i - p.window + 1);
+  }
+  __device__ int64_t thr_at(const SparseKFwdParams<Elem>& p, int m) const {
+    return static_cast<int64_t>(seg) * (p.attn.seqlen_k + 1) + m;
+  }
+  // Selection state of position t: candidates, threshold key, gate offset.
+  __device__ SparseKRow row(const SparseKFwdParams<Elem>& p, int t) const {
+    SparseKRow r{0ull, cand(p, t), -INFINITY};
+    if (r.m > p.budget) {
+      const float thr = p.thr_u[thr_at(p, r.m)];
+      r.thr_key = sparsek_key(thr, p.thr_j[thr_at(p, r.m)]);
+      r.b = (thr - u_ref) + p.tau_rel[thr_at(p, r.m)];
+    }
+    return r;
+  }
+  // Global row of slot `slot` of key block nb (-1: past the end, zero-filled, never selected).
+  __device__ int key_row(const SparseKFwdParams<Elem>& p, int nb, int slot) const {
+    if (nb < sel_blocks) {
+      const int s = nb * kBlockN + slot;
+      return s >= n_sel ? -1 : (all_in ? s : __ldg(list + s));
+    }
+    const int j = window_start(nb) + slot;
+    return j < p.attn.seqlen_k ? j : -1;
+  }
+  __device__ int window_start(int nb) const { return (win_first + nb - sel_blocks) * kBlockN; }
+};
+
 template <class Cfg>
 struct SparseKSmem {
   using Elem = typename Cfg::Elem;
@@ -82,51 +152,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   float* const sD = reinterpret_cast<float*>(sKey + 2 * BN);  // [2][BN] u - u_ref
   SparseKRow* const sRow = reinterpret_cast<SparseKRow*>(sD + 2 * BN);  // [positions]
 
-  const int positions = BM / p.heads;  // query positions per CTA
-  const int qt = blockIdx.x, h0 = blockIdx.y * p.heads, b = blockIdx.z;
-  const int hk = h0 / p.attn.group, seg = b * p.heads_kv + hk;
-  const int m0 = qt * positions;
-  const int diag = p.attn.seqlen_k - p.attn.seqlen_q;  // row t sits at absolute position t + diag
-  const int t_last = min(m0 + positions, p.attn.seqlen_q) - 1;
-  const int i_first = m0 + diag, i_last = t_last + diag;
-  auto cand = [&](int t) {  // candidates of position t; 0 past Sq (never stored) and for k = 0
-    const int i = t + diag;
-    return (p.budget == 0 || t >= p.attn.seqlen_q || i < 0) ? 0 : max(0, i - p.window + 1);
-  };
-  auto thr_at = [&](int m) { return static_cast<int64_t>(seg) * (p.attn.seqlen_k + 1) + m; };
+  const SparseKCta<BN, Elem> cta(p, BM);
+  const int positions = cta.positions, h0 = cta.h0, b = cta.b, m0 = cta.m0, diag = cta.diag;
+  const int sel_blocks = cta.sel_blocks, n_sel = cta.n_sel, n_blocks = cta.n_blocks;
+  const float u_ref = cta.u_ref;
+  for (int r = threadIdx.x; r < positions; r += kThreads) sRow[r] = cta.row(p, m0 + r);
 
-  // u_ref: a threshold score of the block (the last row's), so gate offsets stay small.
-  const int m_last = cand(t_last);
-  const float u_ref = m_last > p.budget ? p.thr_u[thr_at(m_last)] : 0.f;
-  for (int r = threadIdx.x; r < positions; r += kThreads) {
-    SparseKRow row{0ull, cand(m0 + r), -INFINITY};
-    if (row.m > p.budget) {
-      const float thr = p.thr_u[thr_at(row.m)];
-      row.thr_key = sparsek_key(thr, p.thr_j[thr_at(row.m)]);
-      row.b = (thr - u_ref) + p.tau_rel[thr_at(row.m)];
-    }
-    sRow[r] = row;
-  }
-
-  const Elem* kg = p.attn.k + b * p.attn.k_sb + hk * p.attn.k_sh;
-  const Elem* vg = p.attn.v + b * p.attn.v_sb + hk * p.attn.v_sh;
-  const float* ug = p.u + b * p.u_sb + hk * p.u_sh;
-
-  // The key list of the kListRows positions this block lies in (a superset of its own).
-  const int lt = m0 / sparsek::kListRows;
-  const int64_t li = static_cast<int64_t>(seg) * p.list_tiles + lt;
-  const int n_sel = p.budget > 0 ? p.count[li] : 0;
-  const int* list = p.list + li * p.list_cap;
-  // Where the list's first row has at most `budget` candidates, every candidate is in: the
-  // selected keys are the contiguous range [0, n_sel) and there is no list.
-  const bool all_in = lt * sparsek::kListRows + diag - p.window + 1 <= p.budget;
-  const int sel_blocks = (n_sel + BN - 1) / BN;
-  int win_first = 0, win_blocks = 0;
-  if (p.window > 0 && i_last >= 0) {
-    win_first = max(0, i_first - p.window + 1) / BN;
-    win_blocks = i_last / BN - win_first + 1;
-  }
-  const int n_blocks = sel_blocks + win_blocks;
+  const Elem* kg = p.attn.k + b * p.attn.k_sb + cta.hk * p.attn.k_sh;
+  const Elem* vg = p.attn.v + b * p.attn.v_sb + cta.hk * p.attn.v_sh;
+  const float* ug = p.u + b * p.u_sb + cta.hk * p.u_sh;
 
   // Issues the loads of key block nb into stage nb & 1.
   auto load_block = [&](int nb) {
@@ -134,23 +168,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     Elem* const sK = sK0 + st * BN * D;
     Elem* const sV = sV0 + st * BN * D;
     if (nb < sel_blocks) {
-      if (all_in) {
+      if (cta.all_in) {
         sm80::load_tile_async<BN, D, kThreads>(sK, kg, p.attn.k_ss, nb * BN, n_sel);
         sm80::load_tile_async<BN, D, kThreads>(sV, vg, p.attn.v_ss, nb * BN, n_sel);
       } else {
-        sm80::gather_tile_async<BN, D, kThreads>(sK, kg, p.attn.k_ss, list, nb * BN, n_sel);
-        sm80::gather_tile_async<BN, D, kThreads>(sV, vg, p.attn.v_ss, list, nb * BN, n_sel);
+        sm80::gather_tile_async<BN, D, kThreads>(sK, kg, p.attn.k_ss, cta.list, nb * BN, n_sel);
+        sm80::gather_tile_async<BN, D, kThreads>(sV, vg, p.attn.v_ss, cta.list, nb * BN, n_sel);
       }
       for (int c = threadIdx.x; c < BN; c += kThreads) {
-        const int slot = nb * BN + c;
-        const int j = slot >= n_sel ? -1 : (all_in ? slot : list[slot]);
+        const int j = cta.key_row(p, nb, c);
         const float x = j >= 0 ? ug[j * p.u_sj] : 0.f;
         // An empty slot's index 0xffffffff is past every m: never selected.
         sKey[st * BN + c] = j >= 0 ? sparsek_key(x, j) : 0xffffffffull;
         sD[st * BN + c] = x - u_ref;
       }
     } else {
-      const int n0 = (win_first + nb - sel_blocks) * BN;
+      const int n0 = cta.window_start(nb);
       sm80::load_tile_async<BN, D, kThreads>(sK, kg, p.attn.k_ss, n0, p.attn.seqlen_k);
       sm80::load_tile_async<BN, D, kThreads>(sV, vg, p.attn.v_ss, n0, p.attn.seqlen_k);
     }
@@ -205,9 +238,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
               }
           }
       } else {
-        const int n0 = (win_first + nb - sel_blocks) * BN;
+        const int n0 = cta.window_start(nb);
         // Blocks inside every row's window need no mask.
-        if (n0 <= i_last - p.window || n0 + BN - 1 > i_first) {
+        if (n0 <= cta.i_last - p.window || n0 + BN - 1 > cta.i_first) {
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
 #pragma unroll

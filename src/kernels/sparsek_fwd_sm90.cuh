@@ -98,33 +98,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   // ---- the CTA's rows and key blocks (as in the sm80 kernel) ----
   const DenseFwdParams<RawElem>& at = p.attn;
-  const int positions = BM / p.heads;
-  const int qt = blockIdx.x, h0 = blockIdx.y * p.heads, b = blockIdx.z;
-  const int hk = h0 / at.group, seg = b * p.heads_kv + hk;
-  const int m0 = qt * positions;
-  const int diag = at.seqlen_k - at.seqlen_q;  // row t sits at absolute position t + diag
-  const int t_last = min(m0 + positions, at.seqlen_q) - 1;
-  const int i_first = m0 + diag, i_last = t_last + diag;
-  auto cand = [&](int t) {  // candidates of position t; 0 past Sq (never stored) and for k = 0
-    const int i = t + diag;
-    return (p.budget == 0 || t >= at.seqlen_q || i < 0) ? 0 : max(0, i - p.window + 1);
-  };
-  auto thr_at = [&](int m) { return static_cast<int64_t>(seg) * (at.seqlen_k + 1) + m; };
-  const int m_last = cand(t_last);
-  const float u_ref = m_last > p.budget ? p.thr_u[thr_at(m_last)] : 0.f;
-
-  const int lt = m0 / sparsek::kListRows;
-  const int64_t li = static_cast<int64_t>(seg) * p.list_tiles + lt;
-  const int n_sel = p.budget > 0 ? p.count[li] : 0;
-  const int* list = p.list + li * p.list_cap;
-  const bool all_in = lt * sparsek::kListRows + diag - p.window + 1 <= p.budget;
-  const int sel_blocks = (n_sel + BN - 1) / BN;
-  int win_first = 0, win_blocks = 0;
-  if (p.window > 0 && i_last >= 0) {
-    win_first = max(0, i_first - p.window + 1) / BN;
-    win_blocks = i_last / BN - win_first + 1;
-  }
-  const int n_blocks = sel_blocks + win_blocks;
+  const SparseKCta<BN, RawElem> cta(p, BM);
+  const int positions = cta.positions, h0 = cta.h0, b = cta.b, m0 = cta.m0, diag = cta.diag;
+  const int sel_blocks = cta.sel_blocks, n_blocks = cta.n_blocks;
+  const float u_ref = cta.u_ref;
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
@@ -140,9 +117,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     static_assert(kRowsPerPass % 8 == 0);
     const int r0 = tid / kChunks, c = (tid % kChunks) * 8;
     const auto* qg = reinterpret_cast<const Elem*>(at.q) + b * at.q_sb;
-    const auto* kg = reinterpret_cast<const Elem*>(at.k) + b * at.k_sb + hk * at.k_sh;
-    const auto* vg = reinterpret_cast<const Elem*>(at.v) + b * at.v_sb + hk * at.v_sh;
-    const float* ug = p.u + b * p.u_sb + hk * p.u_sh;
+    const auto* kg = reinterpret_cast<const Elem*>(at.k) + b * at.k_sb + cta.hk * at.k_sh;
+    const auto* vg = reinterpret_cast<const Elem*>(at.v) + b * at.v_sb + cta.hk * at.v_sh;
+    const float* ug = p.u + b * p.u_sb + cta.hk * p.u_sh;
     auto cp16 = [](const Elem* src, Elem* dst, bool valid) {
       SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
                                                        *reinterpret_cast<uint128_t*>(dst), valid);
@@ -160,59 +137,51 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const bool valid = t < at.seqlen_q;
       cp16(qg + h * at.q_sh + (valid ? t : 0) * at.q_ss + c, &sQ(r, c), valid);
     }
-    // The rows' selection state lives in shared memory, not in consumer registers (which the
-    // two accumulators already fill): candidates, threshold key, gate offset.
-    // Bounds over the valid rows, for the per-block flags: a column whose key beats the highest
+    // The rows' selection state goes to shared memory, not consumer registers (which the two
+    // accumulators already fill). Bounds over the valid rows, for the per-block flags: a column whose key beats the highest
     // threshold, whose index is below the fewest candidates and whose u clears the largest gate
     // offset by 1 is selected by every row with gate 1.
     SparseKRow bound{0ull, INT_MAX, kNegInf};
     if (tid < positions) {
-      SparseKRow row{0ull, cand(m0 + tid), kNegInf};
-      if (row.m > p.budget) {
-        const float thr = p.thr_u[thr_at(row.m)];
-        row.thr_key = sparsek_key(thr, p.thr_j[thr_at(row.m)]);
-        row.b = (thr - u_ref) + p.tau_rel[thr_at(row.m)];
-      }
+      const SparseKRow row = cta.row(p, m0 + tid);
       ss.rows[tid] = row;
       if (m0 + tid < at.seqlen_q) bound = row;
     }
     copies_arrive(&ss.full_q);
     Bar::arrive(&ss.full_q);
+    auto widen = [](SparseKRow& x, unsigned long long thr_key, int m, float b) {
+      x.thr_key = max(x.thr_key, thr_key);
+      x.m = min(x.m, m);
+      x.b = fmaxf(x.b, b);
+    };
     CUTE_UNROLL
-    for (int o = 16; o > 0; o /= 2) {
-      bound.thr_key = max(bound.thr_key, __shfl_xor_sync(0xffffffffu, bound.thr_key, o));
-      bound.m = min(bound.m, __shfl_xor_sync(0xffffffffu, bound.m, o));
-      bound.b = fmaxf(bound.b, __shfl_xor_sync(0xffffffffu, bound.b, o));
-    }
+    for (int o = 16; o > 0; o /= 2)
+      widen(bound, __shfl_xor_sync(0xffffffffu, bound.thr_key, o),
+            __shfl_xor_sync(0xffffffffu, bound.m, o), __shfl_xor_sync(0xffffffffu, bound.b, o));
     if (tid % 32 == 0) ss.bound[tid / 32] = bound;
     cutlass::arch::NamedBarrier::sync(128, 5);  // producer warpgroup only
     // Thread 0 combines the warps' bounds into ss.bound[0]; the other threads read it only after
     // the first block's barrier below. Kept in shared memory: the producer has 24 registers.
     if (tid == 0) {
       CUTE_UNROLL
-      for (int w = 1; w < 4; ++w) {
-        const SparseKRow o = ss.bound[w];
-        bound.thr_key = max(bound.thr_key, o.thr_key);
-        bound.m = min(bound.m, o.m);
-        bound.b = fmaxf(bound.b, o.b);
-      }
+      for (int w = 1; w < 4; ++w) widen(bound, ss.bound[w].thr_key, ss.bound[w].m, ss.bound[w].b);
       ss.bound[0] = bound;
     }
 
-    // Global row of slot `slot` of block nb (-1: zero-filled, never selected or masked).
-    auto row_of = [&](int nb, int slot) {
-      if (nb < sel_blocks) {
-        const int s = nb * BN + slot;
-        return s >= n_sel ? -1 : (all_in ? s : __ldg(list + s));
+    // This thread's 16-byte chunks of a K or V tile whose rows are the global rows rowidx[]
+    // (-1: zero-filled); dst is the thread's first chunk in the stage.
+    auto copy_rows = [&](const int* rowidx, const Elem* src, int64_t row_stride, Elem* dst) {
+      CUTE_UNROLL
+      for (int i = 0; i < BN / kRowsPerPass; ++i) {
+        const int j = rowidx[r0 + i * kRowsPerPass];
+        cp16(src + (j >= 0 ? j : 0) * row_stride + c, dst + i * kPassElems, j >= 0);
       }
-      const int j = (win_first + nb - sel_blocks) * BN + slot;
-      return j < at.seqlen_k ? j : -1;
     };
     // Per block, each producer thread fetches the global row of one key column (one list read)
     // and its score; the rows' indices go through shared memory to the 16 threads copying each
     // row. The next block's index and score are fetched while this block's copies are issued.
     auto score_of = [&](int nb, int j) { return nb < sel_blocks && j >= 0 ? ug[j * p.u_sj] : 0.f; };
-    int j_next = n_blocks > 0 ? row_of(0, tid) : -1;
+    int j_next = n_blocks > 0 ? cta.key_row(p, 0, tid) : -1;
     float x_next = score_of(0, j_next);
     for (int nb = 0; nb < n_blocks; ++nb) {
       const int s = nb % kStages, parity = ((nb / kStages) & 1) ^ 1;
@@ -223,14 +192,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // Also orders the previous block's reads of this buffer (two blocks ago) before the write
       // above for every thread: each passed the previous barrier after its last read.
       cutlass::arch::NamedBarrier::sync(128, 5);
-      if (nb + 1 < n_blocks) j_next = row_of(nb + 1, tid);
+      if (nb + 1 < n_blocks) j_next = cta.key_row(p, nb + 1, tid);
       acquire(&ss.empty_k[s], parity);
-      Elem* const k_dst = &sK(r0, c, s);
-      CUTE_UNROLL
-      for (int i = 0; i < BN / kRowsPerPass; ++i) {
-        const int j = rowidx[r0 + i * kRowsPerPass];
-        cp16(kg + (j >= 0 ? j : 0) * at.k_ss + c, k_dst + i * kPassElems, j >= 0);
-      }
+      copy_rows(rowidx, kg, at.k_ss, &sK(r0, c, s));
       copies_arrive(&ss.full_k[s]);
       if (nb < sel_blocks) {
         const int slot = nb % kMeta;
@@ -248,12 +212,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
       Bar::arrive(&ss.full_k[s]);
       acquire(&ss.empty_v[s], parity);
-      Elem* const v_dst = &sV(r0, c, s);
-      CUTE_UNROLL
-      for (int i = 0; i < BN / kRowsPerPass; ++i) {
-        const int j = rowidx[r0 + i * kRowsPerPass];
-        cp16(vg + (j >= 0 ? j : 0) * at.v_ss + c, v_dst + i * kPassElems, j >= 0);
-      }
+      copy_rows(rowidx, vg, at.v_ss, &sV(r0, c, s));
       copies_arrive(&ss.full_v[s]);
       if (nb + 1 < n_blocks) x_next = score_of(nb + 1, j_next);
     }
@@ -314,8 +273,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           }
         }
       } else if (nb >= sel_blocks) {
-        const int n0 = (win_first + nb - sel_blocks) * BN;
-        if (n0 <= i_last - p.window || n0 + BN - 1 > i_first) {  // not inside every row's window
+        const int n0 = cta.window_start(nb);
+        if (n0 <= cta.i_last - p.window || n0 + BN - 1 > cta.i_first) {  // not inside every row's window
           CUTE_UNROLL
           for (int r = 0; r < kRows; ++r) {
             const int i = m0 + pos_of(r) + diag;

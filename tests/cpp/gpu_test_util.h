@@ -10,6 +10,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "dispatch/dense_fwd.h"  // DensePath: GPU tests run on each kernel family
 #include "test_util.h"
 
 namespace bsk_test {
@@ -171,5 +172,35 @@ void expect_invalid(F&& f, const std::string& arg, const std::string& rule) {
   }
   ADD_FAILURE() << "expected bsk::InvalidArgument('" << arg << "'), nothing thrown";
 }
+
+// A GPU test parametrized by (case, kernel family). Each case runs once per family (sm80:
+// mma.sync, any GPU; sm90: the Hopper kernels, skipped elsewhere), forced through the
+// dispatcher's test hook and reset after the test.
+template <class Case>
+class KernelPathTest
+    : public ::testing::TestWithParam<std::tuple<Case, bsk::detail::DensePath>> {
+ protected:
+  void TearDown() override {
+    bsk::detail::set_dense_path_override(bsk::detail::DensePath::kAuto);
+  }
+  // Selects this test's family, or skips the test (check IsSkipped()) where it cannot run.
+  void use_path() {
+    const auto path = std::get<1>(this->GetParam());
+    if (path == bsk::detail::DensePath::kSm90 && !bsk::detail::dense_sm90_available(0))
+      GTEST_SKIP() << "the sm90 kernels need a compute-capability-9.0 GPU and sm_90a code";
+    bsk::detail::set_dense_path_override(path);
+  }
+};
+
+// The test-name generator of a KernelPathTest: the case's name, then _sm80 or _sm90.
+template <class Case>
+std::string kernel_path_name(
+    const ::testing::TestParamInfo<std::tuple<Case, bsk::detail::DensePath>>& info) {
+  return std::get<0>(info.param).name +
+         (std::get<1>(info.param) == bsk::detail::DensePath::kSm90 ? "_sm90" : "_sm80");
+}
+
+#define BSK_KERNEL_PATHS \
+  ::testing::Values(bsk::detail::DensePath::kSm80, bsk::detail::DensePath::kSm90)
 
 }  // namespace bsk_test

@@ -35,7 +35,6 @@
 #include <cuda_runtime_api.h>
 
 #include "gpu_test_util.h"
-#include "dispatch/dense_fwd.h"  // DensePath: every case runs on each kernel family
 
 namespace {
 
@@ -109,22 +108,12 @@ TEST(StreamType, IsCudaStreamT) {
          "that includes a CUDA header before bsk/tensor.h references a different symbol";
 }
 
-using bsk::detail::DensePath;
-
-// Each case runs once per kernel family (sm80: mma.sync, any GPU; sm90: TMA + wgmma, Hopper
-// only, skipped elsewhere), forced through the dispatcher's test hook.
-class DenseGpuTest : public ::testing::TestWithParam<std::tuple<GpuCase, DensePath>> {
- protected:
-  void TearDown() override { bsk::detail::set_dense_path_override(DensePath::kAuto); }
-};
+using DenseGpuTest = KernelPathTest<GpuCase>;
 
 TEST_P(DenseGpuTest, MatchesReference) {
   REQUIRE_GPU();
-  const DensePath path = std::get<1>(GetParam());
-  if (path == DensePath::kSm90 && !bsk::detail::dense_sm90_available(0))
-    GTEST_SKIP() << "the sm90 kernel needs a compute-capability-9.0 GPU and sm_90a code";
-  bsk::detail::set_dense_path_override(path);
-  check_case(std::get<0>(GetParam()));
+  use_path();
+  if (!IsSkipped()) check_case(std::get<0>(GetParam()));
 }
 
 const GpuCase kGpuCases[] = {
@@ -149,14 +138,9 @@ const GpuCase kGpuCases[] = {
     {"BHSD_bf16", 1, 150, 190, 4, 4, 128, false, DType::kBFloat16, true},
 };
 
-INSTANTIATE_TEST_SUITE_P(
-    Cases, DenseGpuTest,
-    ::testing::Combine(::testing::ValuesIn(kGpuCases),
-                       ::testing::Values(DensePath::kSm80, DensePath::kSm90)),
-    [](const ::testing::TestParamInfo<std::tuple<GpuCase, DensePath>>& info) {
-      return std::get<0>(info.param).name +
-             (std::get<1>(info.param) == DensePath::kSm90 ? "_sm90" : "_sm80");
-    });
+INSTANTIATE_TEST_SUITE_P(Cases, DenseGpuTest,
+                         ::testing::Combine(::testing::ValuesIn(kGpuCases), BSK_KERNEL_PATHS),
+                         kernel_path_name<GpuCase>);
 
 // ---- CUDA-side argument errors (need a GPU: cudaPointerGetAttributes must work) --------------
 

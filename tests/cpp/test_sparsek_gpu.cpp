@@ -9,7 +9,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include "dispatch/dense_fwd.h"  // DensePath: every case runs on each kernel family
 #include "gpu_test_util.h"
 
 namespace {
@@ -93,22 +92,12 @@ void check_case(const SparseKCase& c) {
   expect_same_bits(out, lse, out2, lse2);
 }
 
-using bsk::detail::DensePath;
-
-// Each case runs on both kernel families (sm80: mma.sync, any GPU; sm90: wgmma behind a cp.async
-// gather producer, Hopper only, skipped elsewhere), forced through the dispatcher's test hook.
-class SparseKGpuTest : public ::testing::TestWithParam<std::tuple<SparseKCase, DensePath>> {
- protected:
-  void TearDown() override { bsk::detail::set_dense_path_override(DensePath::kAuto); }
-};
+using SparseKGpuTest = KernelPathTest<SparseKCase>;
 
 TEST_P(SparseKGpuTest, MatchesReference) {
   REQUIRE_GPU();
-  const DensePath path = std::get<1>(GetParam());
-  if (path == DensePath::kSm90 && !bsk::detail::dense_sm90_available(0))
-    GTEST_SKIP() << "the sm90 kernel needs a compute-capability-9.0 GPU and sm_90a code";
-  bsk::detail::set_dense_path_override(path);
-  check_case(std::get<0>(GetParam()));
+  use_path();
+  if (!IsSkipped()) check_case(std::get<0>(GetParam()));
 }
 
 constexpr auto kKV = Gate::kKeyValue;
@@ -146,14 +135,9 @@ const SparseKCase kCases[] = {
     {"Long_value_fp16", 1, 2100, 2100, 4, 1, 64, 300, 260, kV, Scores::kRamp, kF16},
 };
 
-INSTANTIATE_TEST_SUITE_P(
-    Cases, SparseKGpuTest,
-    ::testing::Combine(::testing::ValuesIn(kCases),
-                       ::testing::Values(DensePath::kSm80, DensePath::kSm90)),
-    [](const ::testing::TestParamInfo<std::tuple<SparseKCase, DensePath>>& info) {
-      return std::get<0>(info.param).name +
-             (std::get<1>(info.param) == DensePath::kSm90 ? "_sm90" : "_sm80");
-    });
+INSTANTIATE_TEST_SUITE_P(Cases, SparseKGpuTest,
+                         ::testing::Combine(::testing::ValuesIn(kCases), BSK_KERNEL_PATHS),
+                         kernel_path_name<SparseKCase>);
 
 class SparseKGpuErrors : public ::testing::Test {
  protected:

@@ -18,15 +18,10 @@ import blackwell_sparsek as bsk
 from blackwell_sparsek import _C
 from conftest import causal_mask
 
-pytestmark = pytest.mark.cuda
+# Every test here runs once per kernel family (conftest.kernel_path).
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("kernel_path")]
 
 FLOOR = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def dense_path(kernel_path):
-    """Runs every test here once per kernel family (conftest.kernel_path)."""
-    return kernel_path
 
 
 HALF = [torch.float16, torch.bfloat16]

@@ -8,13 +8,8 @@ import torch
 
 import blackwell_sparsek as bsk
 
-pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture(autouse=True)
-def sparsek_path(kernel_path):
-    """Runs every test here once per kernel family (conftest.kernel_path)."""
-    return kernel_path
+# Every test here runs once per kernel family (conftest.kernel_path).
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("kernel_path")]
 
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
