@@ -180,6 +180,39 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 #endif
 
+#ifdef BSK_SM90A_DEVICE
+// Online softmax of one S block in (row, col) registers: updates each row's running max and sum,
+// leaves in S the P V weights weight(r, c, p) of p = exp(S - max) (the sum takes p itself) and in
+// corr the factor that rescales O to the new max. Max and sums run on unscaled logits; the scale
+// folds into one FFMA. Shared by the dense and SparseK Hopper kernels.
+template <int kRows, class TS, class Weight>
+__device__ __forceinline__ void online_softmax(TS& S, float (&row_m)[kRows], float (&row_l)[kRows],
+                                               float (&corr)[kRows], float scale_log2,
+                                               Weight&& weight) {
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    float mx = row_m[r];
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
+    // The 4 threads of a quad hold one row.
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // A row that has seen no key yet keeps max -inf: use 0 as offset so exp2 gives 0s.
+    const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+    corr[r] = fast_exp2(row_m[r] * scale_log2 - base);
+    row_m[r] = mx;
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(S); ++c) {
+      const float pe = fast_exp2(fmaf(S(r, c), scale_log2, -base));
+      sum += pe;
+      S(r, c) = weight(r, c, pe);
+    }
+    row_l[r] = row_l[r] * corr[r] + sum;
+  }
+}
+#endif
+
 // Accumulator layout ((2 cols, 2 rows, N/8), M, N) viewed as (rows, cols).
 template <class L>
 __host__ __device__ constexpr auto acc_rowcol(L l) {
@@ -357,27 +390,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             if (col >= p.seqlen_k || (p.causal && col > row + diag)) S(r, c) = kNegInf;
           }
       }
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        float mx = row_m[r];
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
-        // The 4 threads of a quad hold one row.
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // A row that has seen no key yet keeps max -inf: use 0 as offset so exp2 gives 0s.
-        const float base = mx == kNegInf ? 0.f : mx * p.scale_log2;
-        corr[r] = fast_exp2(row_m[r] * p.scale_log2 - base);
-        row_m[r] = mx;
-        float sum = 0.f;
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) {
-          const float pe = fast_exp2(fmaf(S(r, c), p.scale_log2, -base));
-          S(r, c) = pe;
-          sum += pe;
-        }
-        row_l[r] = row_l[r] * corr[r] + sum;
-      }
+      online_softmax(S, row_m, row_l, corr, p.scale_log2, [](int, int, float pe) { return pe; });
     };
     auto convert_p = [&] {
       CUTE_UNROLL

@@ -286,28 +286,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           }
         }
       }
+      const float* du = ss.du[slot];
+      float rb[kRows];
       CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        float mx = row_m[r];
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float base = mx == kNegInf ? 0.f : mx * at.scale_log2;
-        corr[r] = fast_exp2(row_m[r] * at.scale_log2 - base);
-        row_m[r] = mx;
-        float sum = 0.f;
-        const float rb = selected ? ss.rows[pos_of(r)].b : 0.f;
-        const float* du = ss.du[slot];
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) {
-          float pe = fast_exp2(fmaf(S(r, c), at.scale_log2, -base));
-          sum += pe;
-          if (selected) pe *= __saturatef(du[get<1>(cSrc(r, c))] - rb);
-          S(r, c) = pe;
-        }
-        row_l[r] = row_l[r] * corr[r] + sum;
-      }
+      for (int r = 0; r < kRows; ++r) rb[r] = selected ? ss.rows[pos_of(r)].b : 0.f;
+      online_softmax(S, row_m, row_l, corr, at.scale_log2, [&](int r, int c, float pe) {
+        return selected ? pe * __saturatef(du[get<1>(cSrc(r, c))] - rb[r]) : pe;
+      });
     };
     auto convert_p = [&] {
       CUTE_UNROLL
