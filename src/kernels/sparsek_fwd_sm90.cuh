@@ -54,7 +54,9 @@ struct SparseKConfig {
     // every row; bit 1, some gate is fractional. Zero lets the consumers skip the per-element
     // selection work: the best-ranked keys, most of a list, are in for every row with gate 1.
     uint32_t flags[kMetaSlots][4];
-    int rowidx[2][kBlockN];  // global key row per column of the block being loaded (producer)
+    // Element offsets of the K and V rows of the block being loaded, per column (-1: zeros):
+    // computed once by the thread that reads the column's index, not by all 16 copying threads.
+    int64_t row_k[2][kBlockN], row_v[2][kBlockN];
     SparseKRow bound[4];  // per producer warp: max threshold key, min m, max gate offset
     uint64_t full_q, full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
   };
@@ -168,17 +170,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       ss.bound[0] = bound;
     }
 
-    // This thread's 16-byte chunks of a K or V tile whose rows are the global rows rowidx[]
-    // (-1: zero-filled); dst is the thread's first chunk in the stage.
-    auto copy_rows = [&](const int* rowidx, const Elem* src, int64_t row_stride, Elem* dst) {
+    // This thread's 16-byte chunks of a K or V tile whose rows start at src + off[] (off < 0:
+    // zero-filled); dst is the thread's first chunk in the stage.
+    auto copy_rows = [&](const int64_t* off, const Elem* src, Elem* dst) {
       CUTE_UNROLL
       for (int i = 0; i < BN / kRowsPerPass; ++i) {
-        const int j = rowidx[r0 + i * kRowsPerPass];
-        cp16(src + (j >= 0 ? j : 0) * row_stride + c, dst + i * kPassElems, j >= 0);
+        const int64_t o = off[r0 + i * kRowsPerPass];
+        cp16(src + (o >= 0 ? o : 0) + c, dst + i * kPassElems, o >= 0);
       }
     };
     // Per block, each producer thread fetches the global row of one key column (one list read)
-    // and its score; the rows' indices go through shared memory to the 16 threads copying each
+    // and its score; the rows' offsets go through shared memory to the 16 threads copying each
     // row. The next block's index and score are fetched while this block's copies are issued.
     auto score_of = [&](int nb, int j) { return nb < sel_blocks && j >= 0 ? ug[j * p.u_sj] : 0.f; };
     int j_next = n_blocks > 0 ? cta.key_row(p, 0, tid) : -1;
@@ -187,14 +189,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int s = nb % kStages, parity = ((nb / kStages) & 1) ^ 1;
       const int jc = j_next;
       const float x = x_next;
-      int* const rowidx = ss.rowidx[nb & 1];
-      rowidx[tid] = jc;
+      const int buf = nb & 1;
+      ss.row_k[buf][tid] = jc >= 0 ? jc * at.k_ss : -1;
+      ss.row_v[buf][tid] = jc >= 0 ? jc * at.v_ss : -1;
       // Also orders the previous block's reads of this buffer (two blocks ago) before the write
       // above for every thread: each passed the previous barrier after its last read.
       cutlass::arch::NamedBarrier::sync(128, 5);
       if (nb + 1 < n_blocks) j_next = cta.key_row(p, nb + 1, tid);
       acquire(&ss.empty_k[s], parity);
-      copy_rows(rowidx, kg, at.k_ss, &sK(r0, c, s));
+      copy_rows(ss.row_k[buf], kg, &sK(r0, c, s));
       copies_arrive(&ss.full_k[s]);
       if (nb < sel_blocks) {
         const int slot = nb % kMeta;
@@ -212,7 +215,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
       Bar::arrive(&ss.full_k[s]);
       acquire(&ss.empty_v[s], parity);
-      copy_rows(rowidx, vg, at.v_ss, &sV(r0, c, s));
+      copy_rows(ss.row_v[buf], vg, &sV(r0, c, s));
       copies_arrive(&ss.full_v[s]);
       if (nb + 1 < n_blocks) x_next = score_of(nb + 1, j_next);
     }
@@ -286,13 +289,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           }
         }
       }
-      const float* du = ss.du[slot];
-      float rb[kRows];
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) rb[r] = selected ? ss.rows[pos_of(r)].b : 0.f;
-      online_softmax(S, row_m, row_l, corr, at.scale_log2, [&](int r, int c, float pe) {
-        return selected ? pe * __saturatef(du[get<1>(cSrc(r, c))] - rb[r]) : pe;
-      });
+      online_softmax(S, row_m, row_l, corr, at.scale_log2, [](int, int, float pe) { return pe; });
+      // The value weights of a selected block, apart: inside online_softmax the gate turned
+      // into per-element work (shared-memory loads, index math) on every block, the window's
+      // and the all-gates-1 ones too, and doubled the instructions per block.
+      if (selected) {
+        const float* du = ss.du[slot];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const float rb = ss.rows[pos_of(r)].b;
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(S); ++c)
+            S(r, c) *= __saturatef(du[get<1>(cSrc(0, c))] - rb);
+        }
+      }
     };
     auto convert_p = [&] {
       CUTE_UNROLL
