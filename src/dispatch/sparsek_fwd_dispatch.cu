@@ -76,8 +76,35 @@ void launch_attention(const SparseKFwdArgs& a, const kernels::SparseKFwdParams<t
   BSK_CUDA_CHECK_LAUNCH();
 }
 
+// A tensor map over a (seq, d, heads, batch) input whose box is 128 rows of 64 columns, 128-byte
+// swizzled as the wgmma operand tiles (kernels/sparsek_fwd_sm90.cuh: the window band's blocks);
+// rows out of range read as zeros.
+template <typename Elem>
+cute::TmaDescriptor block_tma(const void* ptr, const int64_t st[3], int seqlen, int heads,
+                              int batch, int head_dim) {
+  auto fix = [](int64_t stride, int64_t size) { return size > 1 ? stride : int64_t(8); };
+  const cuuint64_t dims[4] = {cuuint64_t(head_dim), cuuint64_t(seqlen), cuuint64_t(heads),
+                              cuuint64_t(batch)};
+  const cuuint64_t strides[3] = {cuuint64_t(fix(st[1], seqlen) * sizeof(Elem)),
+                                 cuuint64_t(fix(st[2], heads) * sizeof(Elem)),
+                                 cuuint64_t(fix(st[0], batch) * sizeof(Elem))};
+  const cuuint32_t box[4] = {64, 128, 1, 1}, elem_strides[4] = {1, 1, 1, 1};
+  cute::TmaDescriptor desc{};
+  const CUresult r = cutlass::call_cuTensorMapEncodeTiled(
+      &desc, std::is_same_v<Elem, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                          : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+      4, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw Unsupported("cuTensorMapEncodeTiled failed (" + std::to_string(int(r)) +
+                      ") for a SparseK key/value block map");
+  return desc;
+}
+
 // Hopper: the dense sm90 kernel's consumer pipeline (128 x 128 blocks, 2 stages) behind a
-// cp.async gather producer (kernels/sparsek_fwd_sm90.cuh).
+// producer that loads window blocks with TMA and gathers selected rows with cp.async
+// (kernels/sparsek_fwd_sm90.cuh).
 template <typename Elem, int kHeadDim>
 void launch_attention_sm90(const SparseKFwdArgs& a, const kernels::SparseKFwdParams<Elem>& p,
                            cudaStream_t stream) {
@@ -85,10 +112,13 @@ void launch_attention_sm90(const SparseKFwdArgs& a, const kernels::SparseKFwdPar
   auto* kernel = kernels::sm90::sparsek_fwd_sm90_kernel<Cfg, Elem>;
   BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       Cfg::kSmemBytes));
+  const DenseFwdArgs& d = a.attn;
+  const kernels::sm90::SparseKTmaMaps maps{
+      block_tma<Elem>(d.k, d.k_stride, d.seqlen_k, d.heads_kv, d.batch, kHeadDim),
+      block_tma<Elem>(d.v, d.v_stride, d.seqlen_k, d.heads_kv, d.batch, kHeadDim)};
   const int positions = 128 / p.heads;
-  const dim3 grid((a.attn.seqlen_q + positions - 1) / positions, a.attn.heads_q / p.heads,
-                  a.attn.batch);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  const dim3 grid((d.seqlen_q + positions - 1) / positions, d.heads_q / p.heads, d.batch);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
   BSK_CUDA_CHECK_LAUNCH();
 }
 
@@ -260,9 +290,12 @@ void sparsek_fwd_cuda(const SparseKFwdArgs& a, int device, cudaStream_t stream) 
     throw Unsupported("SparseK attention needs a GPU of compute capability 8.0 or newer; cuda:" +
                       std::to_string(device) + " is " + std::to_string(cc / 10) + "." +
                       std::to_string(cc % 10));
-  // Empty problems stay on the sm80 kernel (its grid handles them; nothing to gain).
-  const bool sm90 = hopper_path_selected(device) && a.attn.batch > 0 && a.attn.seqlen_q > 0 &&
-                    a.attn.heads_q > 0;
+  // Empty problems and inputs TMA cannot describe stay on the sm80 kernel.
+  const DenseFwdArgs& d = a.attn;
+  const int64_t kv_size[3] = {d.batch, d.seqlen_k, d.heads_kv};
+  const bool sm90 = hopper_path_selected(device) && d.batch > 0 && d.seqlen_q > 0 &&
+                    d.seqlen_k > 0 && d.heads_q > 0 && tma_describable(d.k, d.k_stride, kv_size) &&
+                    tma_describable(d.v, d.v_stride, kv_size);
   switch (a.attn.dtype) {
     case DType::kFloat16: return run<__half>(a, sm90, stream);
     case DType::kBFloat16: return run<__nv_bfloat16>(a, sm90, stream);

@@ -64,9 +64,18 @@ struct SparseKConfig {
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
 };
 
+// Tensor maps of K and V over (seq, d, heads, batch) with boxes of 128 rows x 64 columns,
+// 128-byte swizzled: the window band's blocks are contiguous rows. A kernel parameter of its
+// own: the TMA takes the descriptors' addresses, and an address taken inside the SparseK
+// parameters made every read of them a memory load (ptxas then spilled 600 bytes).
+struct SparseKTmaMaps {
+  cute::TmaDescriptor block_k, block_v;
+};
+
 template <class Cfg, typename RawElem>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
-    sparsek_fwd_sm90_kernel(const __grid_constant__ SparseKFwdParams<RawElem> p) {
+    sparsek_fwd_sm90_kernel(const __grid_constant__ SparseKFwdParams<RawElem> p,
+                            const __grid_constant__ SparseKTmaMaps pp) {
 #ifdef BSK_SM90A_DEVICE
   using Elem = typename Cfg::Elem;
   using Base = typename Cfg::Base;
@@ -77,6 +86,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr float kNegInf = -INFINITY;
   using SS = typename Cfg::SharedStorage;
   using Bar = cutlass::arch::ClusterBarrier;
+  using TB = cutlass::arch::ClusterTransactionBarrier;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
@@ -179,6 +189,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         cp16(src + (o >= 0 ? o : 0) + c, dst + i * kPassElems, o >= 0);
       }
     };
+    // A window block is contiguous: thread 0 loads it with two TMA boxes (one per 64 columns,
+    // into the 16 KB of 128 swizzled lines each occupies), the bytes counted on the stage's
+    // barrier; the other threads' copy arrivals still come (with no copies of theirs pending),
+    // so both kinds of block complete the same barrier the same way. Only selected blocks are
+    // gathered with cp.async, whose 16-byte copies load the MIO queue the wgmmas issue through.
+    constexpr uint32_t kTileBytes = BN * D * sizeof(Elem);
+    auto load_block = [&](const TmaDescriptor* desc, uint64_t* full, auto& tile, int s, int row) {
+      TB::expect_transaction(full, kTileBytes);
+      CUTE_UNROLL
+      for (int h = 0; h < D / 64; ++h)
+        SM90_TMA_LOAD_4D::copy(desc, full,
+                               static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                               &tile(0, 64 * h, s), 64 * h, row, cta.hk, b);
+    };
     // Per block, each producer thread fetches the global row of one key column (one list read)
     // and its score; the rows' offsets go through shared memory to the 16 threads copying each
     // row. The next block's index and score are fetched while this block's copies are issued.
@@ -197,7 +221,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       cutlass::arch::NamedBarrier::sync(128, 5);
       if (nb + 1 < n_blocks) j_next = cta.key_row(p, nb + 1, tid);
       acquire(&ss.empty_k[s], parity);
-      copy_rows(ss.row_k[buf], kg, &sK(r0, c, s));
+      if (nb < sel_blocks) copy_rows(ss.row_k[buf], kg, &sK(r0, c, s));
+      else if (tid == 0) load_block(&pp.block_k, &ss.full_k[s], sK, s, cta.window_start(nb));
       copies_arrive(&ss.full_k[s]);
       if (nb < sel_blocks) {
         const int slot = nb % kMeta;
@@ -215,7 +240,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
       Bar::arrive(&ss.full_k[s]);
       acquire(&ss.empty_v[s], parity);
-      copy_rows(ss.row_v[buf], vg, &sV(r0, c, s));
+      if (nb < sel_blocks) copy_rows(ss.row_v[buf], vg, &sV(r0, c, s));
+      else if (tid == 0) load_block(&pp.block_v, &ss.full_v[s], sV, s, cta.window_start(nb));
       copies_arrive(&ss.full_v[s]);
       if (nb + 1 < n_blocks) x_next = score_of(nb + 1, j_next);
     }
