@@ -47,8 +47,8 @@ struct SparseKConfig {
     cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutQ>, 1024> q;
     cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutK>, 1024> k;
     cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutK>, 1024> v;
-    unsigned long long key[kMetaSlots][kBlockN];
-    float du[kMetaSlots][kBlockN];
+    alignas(16) unsigned long long key[kMetaSlots][kBlockN];  // 16-byte column-pair loads
+    alignas(16) float du[kMetaSlots][kBlockN];
     SparseKRow rows[kBlockM];  // per query position of the CTA (written by the producer)
     // Per selected block (meta slot) and producer warp: bit 0, some column is not selected by
     // every row; bit 1, some gate is fractional. Zero lets the consumers skip the per-element
@@ -287,18 +287,30 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // dense blocks (same results: the skipped mask changes nothing and the gates are 1).
       const bool selected = nb < sel_blocks && (ss.flags[slot][0] | ss.flags[slot][1] |
                                                 ss.flags[slot][2] | ss.flags[slot][3]) != 0;
+      // A thread's columns come in adjacent pairs (even first): one 16-byte load of their keys
+      // and one 8-byte load of their gate offsets serve both of its rows (half the shared-memory
+      // instructions, which share the MIO queue with the wgmmas).
+      static_assert(size<1>(S) % 2 == 0);
       if (selected) {
+        SparseKRow rw[kRows];
         CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          const SparseKRow row = ss.rows[pos_of(r)];
+        for (int r = 0; r < kRows; ++r) rw[r] = ss.rows[pos_of(r)];
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); c += 2) {
+          const int col = get<1>(cSrc(0, c));
+          const ulonglong2 k2 = *reinterpret_cast<const ulonglong2*>(&ss.key[slot][col]);
+          const float2 d2 = *reinterpret_cast<const float2*>(&ss.du[slot][col]);
           CUTE_UNROLL
-          for (int c = 0; c < size<1>(S); ++c) {
-            const int col = get<1>(cSrc(r, c));
-            const unsigned long long key = ss.key[slot][col];
-            if (key < row.thr_key || static_cast<uint32_t>(key) >= static_cast<uint32_t>(row.m))
-              S(r, c) = kNegInf;
-            else if (p.gate_logits)
-              S(r, c) *= __saturatef(ss.du[slot][col] - row.b);
+          for (int r = 0; r < kRows; ++r) {
+            CUTE_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              const unsigned long long key = e ? k2.y : k2.x;
+              if (key < rw[r].thr_key ||
+                  static_cast<uint32_t>(key) >= static_cast<uint32_t>(rw[r].m))
+                S(r, c + e) = kNegInf;
+              else if (p.gate_logits)
+                S(r, c + e) *= __saturatef((e ? d2.y : d2.x) - rw[r].b);
+            }
           }
         }
       } else if (nb >= sel_blocks) {
@@ -320,13 +332,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // into per-element work (shared-memory loads, index math) on every block, the window's
       // and the all-gates-1 ones too, and doubled the instructions per block.
       if (selected) {
-        const float* du = ss.du[slot];
+        float rb[kRows];
         CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          const float rb = ss.rows[pos_of(r)].b;
+        for (int r = 0; r < kRows; ++r) rb[r] = ss.rows[pos_of(r)].b;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); c += 2) {
+          const float2 d2 = *reinterpret_cast<const float2*>(&ss.du[slot][get<1>(cSrc(0, c))]);
           CUTE_UNROLL
-          for (int c = 0; c < size<1>(S); ++c)
-            S(r, c) *= __saturatef(du[get<1>(cSrc(0, c))] - rb);
+          for (int r = 0; r < kRows; ++r) {
+            S(r, c) *= __saturatef(d2.x - rb[r]);
+            S(r, c + 1) *= __saturatef(d2.y - rb[r]);
+          }
         }
       }
     };
