@@ -31,6 +31,12 @@ inline bool tma_describable(const void* ptr, const int64_t stride[3], const int6
   return true;
 }
 
+// The stride a tensor map is given for a dim: a dim of length 1 may carry any stride (its index
+// is always 0), replaced by a harmless one.
+inline int64_t tma_stride(int64_t stride, int64_t size) {
+  return size > 1 ? stride : int64_t(8);
+}
+
 inline bool sm90_supports(const DenseFwdArgs& a) {
   const int64_t qsz[3] = {a.batch, a.seqlen_q, a.heads_q};
   const int64_t ksz[3] = {a.batch, a.seqlen_k, a.heads_kv};
@@ -54,7 +60,7 @@ void launch_dense_fwd_sm90(const DenseFwdArgs& a, cudaStream_t stream) {
                                       Cfg::kSmemBytes));
 
   // (seq, d, heads, batch) views; strides of length-1 dims replaced (see tma_describable).
-  auto fix = [](int64_t stride, int64_t size) { return size > 1 ? stride : int64_t(8); };
+  const auto fix = tma_stride;
   auto in_tensor = [&](const void* ptr, const int64_t st[3], int s, int heads) {
     return make_tensor(make_gmem_ptr(static_cast<Elem const*>(ptr)),
                        make_shape(int32_t(s), int32_t(D), int32_t(heads), int32_t(a.batch)),

@@ -82,7 +82,7 @@ void launch_attention(const SparseKFwdArgs& a, const kernels::SparseKFwdParams<t
 template <typename Elem>
 cute::TmaDescriptor block_tma(const void* ptr, const int64_t st[3], int seqlen, int heads,
                               int batch, int head_dim) {
-  auto fix = [](int64_t stride, int64_t size) { return size > 1 ? stride : int64_t(8); };
+  const auto fix = tma_stride;
   const cuuint64_t dims[4] = {cuuint64_t(head_dim), cuuint64_t(seqlen), cuuint64_t(heads),
                               cuuint64_t(batch)};
   const cuuint64_t strides[3] = {cuuint64_t(fix(st[1], seqlen) * sizeof(Elem)),
