@@ -5,5 +5,6 @@
 #include "bsk/error.h"
 #include "bsk/reference.h"
 #include "bsk/sparsek.h"
+#include "bsk/sparsek_cache.h"
 #include "bsk/tensor.h"
 #include "bsk/version.h"

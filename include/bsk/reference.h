@@ -8,6 +8,7 @@
 
 #include "bsk/attention.h"
 #include "bsk/sparsek.h"
+#include "bsk/sparsek_cache.h"
 #include "bsk/tensor.h"
 
 namespace bsk::ref {
@@ -40,5 +41,14 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
 // x: [B, S, Dmodel]; w_score: [Dmodel, Hkv]; slope: [Hkv] (all float32); u: float32 [B, Hkv, S].
 void sparsek_scores(const TensorView& x, const TensorView& w_score, const TensorView& slope,
                     const TensorView& u);
+
+// The SparseK decoding cache on CPU tensors (same contracts as bsk::sparsek_cache_*; the scale
+// is resolved). Its oracle in the tests is sparsek_attention_forward at the same position.
+void sparsek_cache_prefill(const SparseKCache& cache, const TensorView& k, const TensorView& v,
+                           const TensorView& u, const TensorView* lengths);
+void sparsek_cache_append(const SparseKCache& cache, const TensorView& k_new,
+                          const TensorView& v_new, const TensorView& u_new);
+void sparsek_cache_attend(const SparseKCache& cache, const TensorView& q, const TensorView& out,
+                          const TensorView* lse, double softmax_scale);
 
 }  // namespace bsk::ref

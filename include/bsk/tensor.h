@@ -14,7 +14,7 @@ struct CUstream_st;
 
 namespace bsk {
 
-enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64, kInt64 };
+enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64, kInt64, kInt32 };
 enum class DeviceType : int { kCPU, kCUDA };
 
 struct Device {

@@ -6,6 +6,7 @@ Public API
 - :func:`sdpa` -- the same on BHSD tensors with the signature of
   ``torch.nn.functional.scaled_dot_product_attention``.
 - :func:`sparsek_attention` -- SparseK attention (docs/SPARSEK_SPEC.md).
+- :class:`SparseKCache` -- SparseK generation: a decoding cache of constant memory.
 - :mod:`blackwell_sparsek.reference` -- the float64 CPU reference of every op (the test oracle).
 - :mod:`blackwell_sparsek.ops` -- the underlying ``torch.ops.blackwell_sparsek`` custom ops.
 
@@ -53,6 +54,7 @@ __all__ = [
     "sparsek_attention",
     "sparsek_gates",
     "SparseKAttention",
+    "SparseKCache",
 ]
 
 _attention_fwd = ops.attention_fwd
@@ -187,3 +189,4 @@ def sparsek_attention(
 
 
 from .modules import SparseKAttention, sparsek_gates  # noqa: E402  (needs sparsek_attention)
+from .cache import SparseKCache  # noqa: E402

@@ -11,6 +11,7 @@ const char* dtype_name(DType dtype) {
     case DType::kFloat32: return "float32";
     case DType::kFloat64: return "float64";
     case DType::kInt64: return "int64";
+    case DType::kInt32: return "int32";
   }
   return "unknown";
 }
@@ -19,7 +20,8 @@ std::size_t dtype_size(DType dtype) {
   switch (dtype) {
     case DType::kFloat16:
     case DType::kBFloat16: return 2;
-    case DType::kFloat32: return 4;
+    case DType::kFloat32:
+    case DType::kInt32: return 4;
     case DType::kFloat64:
     case DType::kInt64: return 8;
   }

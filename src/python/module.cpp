@@ -67,11 +67,13 @@ bsk::DType to_dtype(const nb::dlpack::dtype& dt, const char* name) {
       return bsk::DType::kBFloat16;
     } else if (code == nb::dlpack::dtype_code::Int && dt.bits == 64) {
       return bsk::DType::kInt64;
+    } else if (code == nb::dlpack::dtype_code::Int && dt.bits == 32) {
+      return bsk::DType::kInt32;
     }
   }
   throw bsk::InvalidArgument(name, "dtype " + dlpack_dtype_str(dt) +
                                        " is not supported (float16, bfloat16, float32, float64 "
-                                       "or int64)");
+                                       "int32 or int64)");
 }
 
 // A zero-copy description of `a`. Only representability is checked here (dtype, device kind,
@@ -257,6 +259,63 @@ void sparsek_scores(const Array& x, const Array& w_score, const Array& slope, co
   bsk::ref::sparsek_scores(tx, tw, ts, tu);
 }
 
+// The SparseK decoding cache's state tensors, translated once: append/attend then translate only
+// their new inputs (each DLPack translation costs host time on every decode step). The arrays
+// are kept referenced for the handle's lifetime.
+class SparseKCacheHandle {
+ public:
+  SparseKCacheHandle(const Array& k, const Array& v, const Array& slot_u, const Array& cand_u,
+                     const Array& cand_pos, const Array& cand_row, const Array& tau,
+                     const Array& counts, const Array& status, int64_t budget, int64_t window,
+                     const std::string& gate)
+      : arrays_{k, v, slot_u, cand_u, cand_pos, cand_row, tau, counts, status} {
+    c_.k = to_view(k, "k_cache");
+    c_.v = to_view(v, "v_cache");
+    c_.slot_u = to_view(slot_u, "slot_u");
+    c_.cand_u = to_view(cand_u, "cand_u");
+    c_.cand_pos = to_view(cand_pos, "cand_pos");
+    c_.cand_row = to_view(cand_row, "cand_row");
+    c_.tau = to_view(tau, "tau");
+    c_.counts = to_view(counts, "counts");
+    c_.status = to_view(status, "status");
+    c_.budget = budget;
+    c_.window = window;
+    c_.gate = to_gate(gate);
+    bsk::sparsek_cache_validate(c_);
+  }
+  void prefill(const Array& k, const Array& v, const Array& u, const Array& lengths,
+               std::uintptr_t stream) {
+    const bsk::TensorView tk = to_view(k, "k"), tv = to_view(v, "v"), tu = to_view(u, "u");
+    bsk::TensorView tl;
+    const bool has = lengths.is_valid();
+    if (has) tl = to_view(lengths, "lengths");
+    nb::gil_scoped_release release;
+    bsk::sparsek_cache_prefill(c_, tk, tv, tu, has ? &tl : nullptr, to_stream(stream));
+  }
+  void append(const Array& k, const Array& v, const Array& u, std::uintptr_t stream) {
+    const bsk::TensorView tk = to_view(k, "k_new"), tv = to_view(v, "v_new"),
+                          tu = to_view(u, "u_new");
+    bsk::sparsek_cache_append(c_, tk, tv, tu, to_stream(stream));
+  }
+  void attend(const Array& q, const Array& out, const Array& lse,
+              std::optional<double> softmax_scale, std::uintptr_t stream) {
+    const bsk::TensorView tq = to_view(q, "q"), to = to_view(out, "out");
+    bsk::TensorView tl;
+    const bool has = lse.is_valid();
+    if (has) tl = to_view(lse, "lse");
+    if (c_.k.device.type == bsk::DeviceType::kCPU) {
+      nb::gil_scoped_release release;
+      bsk::sparsek_cache_attend(c_, tq, to, has ? &tl : nullptr, softmax_scale, to_stream(stream));
+      return;
+    }
+    bsk::sparsek_cache_attend(c_, tq, to, has ? &tl : nullptr, softmax_scale, to_stream(stream));
+  }
+
+ private:
+  std::vector<Array> arrays_;
+  bsk::SparseKCache c_;
+};
+
 std::vector<std::string> cuda_archs() {
   std::vector<std::string> archs;
   std::string s = BSK_PY_CUDA_ARCHS;
@@ -289,6 +348,22 @@ NB_MODULE(_C, m) {
     }
   });
 
+  nb::class_<SparseKCacheHandle>(m, "SparseKCacheHandle",
+                                 "The SparseK decoding cache's state (include/bsk/sparsek_cache.h); "
+                                 "use blackwell_sparsek.SparseKCache.")
+      .def(nb::init<const Array&, const Array&, const Array&, const Array&, const Array&,
+                    const Array&, const Array&, const Array&, const Array&, int64_t, int64_t,
+                    const std::string&>(),
+           nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("slot_u"), nb::arg("cand_u"),
+           nb::arg("cand_pos"), nb::arg("cand_row"), nb::arg("tau"), nb::arg("counts"),
+           nb::arg("status"), nb::arg("k_budget"), nb::arg("window"), nb::arg("gate"))
+      .def("prefill", &SparseKCacheHandle::prefill, nb::arg("k"), nb::arg("v"), nb::arg("u"),
+           nb::arg("lengths").none(), nb::arg("stream") = 0)
+      .def("append", &SparseKCacheHandle::append, nb::arg("k_new"), nb::arg("v_new"),
+           nb::arg("u_new"), nb::arg("stream") = 0)
+      .def("attend", &SparseKCacheHandle::attend, nb::arg("q"), nb::arg("out"),
+           nb::arg("lse").none(), nb::arg("softmax_scale").none() = nb::none(),
+           nb::arg("stream") = 0);
   m.def("attention_forward", &attention_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal") = false,
         nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,

@@ -80,7 +80,8 @@ inline double load_as_double(const void* base, DType dtype, int64_t offset) {
     case DType::kBFloat16: return bfloat16_to_double(static_cast<const uint16_t*>(base)[offset]);
     case DType::kFloat32: return static_cast<const float*>(base)[offset];
     case DType::kFloat64: return static_cast<const double*>(base)[offset];
-    case DType::kInt64: break;
+    case DType::kInt64:
+    case DType::kInt32: break;
   }
   return std::numeric_limits<double>::quiet_NaN();
 }
@@ -92,7 +93,8 @@ inline void store_from_double(void* base, DType dtype, int64_t offset, double x)
     case DType::kBFloat16: static_cast<uint16_t*>(base)[offset] = double_to_bfloat16(x); return;
     case DType::kFloat32: static_cast<float*>(base)[offset] = static_cast<float>(x); return;
     case DType::kFloat64: static_cast<double*>(base)[offset] = x; return;
-    case DType::kInt64: return;
+    case DType::kInt64:
+    case DType::kInt32: return;
   }
 }
 

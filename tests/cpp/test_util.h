@@ -216,6 +216,11 @@ struct HostTensor {
         std::memcpy(&f, p + 8 * o, 8);
         return static_cast<double>(f);
       }
+      case DType::kInt32: {
+        int32_t f;
+        std::memcpy(&f, p + 4 * o, 4);
+        return static_cast<double>(f);
+      }
     }
     return 0.0;
   }
@@ -245,6 +250,11 @@ struct HostTensor {
       case DType::kInt64: {
         const int64_t v = static_cast<int64_t>(x);
         std::memcpy(p + 8 * o, &v, 8);
+        return;
+      }
+      case DType::kInt32: {
+        const int32_t v = static_cast<int32_t>(x);
+        std::memcpy(p + 4 * o, &v, 4);
         return;
       }
     }

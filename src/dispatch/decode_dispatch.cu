@@ -1,0 +1,214 @@
+// Decode dispatch: (dtype, head dim, heads per CTA) -> the split-rows decode kernel and its
+// combine; and the SparseK cache's build and append kernels. Instantiations: decode 2 dtypes x
+// 2 head dims x 3 head counts, combine 2 x 2, cache 2 + 2.
+#include <algorithm>
+#include <string>
+
+#include "bsk/error.h"
+#include "common/cuda_check.h"
+#include "dispatch/decode.h"
+#include "kernels/decode_attention.cuh"
+#include "kernels/sparsek_cache.cuh"
+
+namespace bsk::detail {
+namespace {
+
+namespace dk = kernels::decode;
+namespace sc = kernels::skcache;
+
+int sm_count(int device) {
+  static int cached[64] = {};
+  if (device < 64 && cached[device] > 0) return cached[device];
+  int n = 0;
+  BSK_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) cached[device] = n;
+  return n;
+}
+
+// Scratch for the split partials, released on the stream when the call returns.
+struct Scratch {
+  void* ptr = nullptr;
+  cudaStream_t stream;
+  explicit Scratch(cudaStream_t s) : stream(s) {}
+  ~Scratch() {
+    if (ptr != nullptr) cudaFreeAsync(ptr, stream);
+  }
+};
+
+template <typename Elem, int kD, int kH>
+void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int sms, cudaStream_t stream) {
+  dk::DecodeParams<Elem> q = p;
+  q.head_chunks = (p.group + kH - 1) / kH;
+  const int64_t ctas = static_cast<int64_t>(p.batch) * p.heads_kv * q.head_chunks;
+  // Enough CTAs for about 4 per SM, rows split in multiples of the chunk.
+  const int max_splits = std::max(1, (max_rows + dk::kChunk - 1) / dk::kChunk);
+  int splits = static_cast<int>(std::min<int64_t>(max_splits, (4LL * sms + ctas - 1) / ctas));
+  splits = std::max(1, splits);
+  q.split_rows = ((max_rows + splits - 1) / splits + dk::kChunk - 1) / dk::kChunk * dk::kChunk;
+  if (q.split_rows == 0) q.split_rows = dk::kChunk;
+  q.splits = splits = std::max(1, (max_rows + q.split_rows - 1) / q.split_rows);
+  Scratch scratch(stream);
+  if (splits > 1) {
+    const int64_t rows = static_cast<int64_t>(splits) * p.batch * p.heads_q;
+    BSK_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, rows * (kD + 2) * sizeof(float), stream));
+    q.part_o = static_cast<float*>(scratch.ptr);
+    q.part_ml = q.part_o + rows * kD;
+  }
+  const dim3 grid(splits, p.heads_kv * q.head_chunks, p.batch);
+  dk::decode_attention_kernel<Elem, kD, kH><<<grid, dk::kThreads, 0, stream>>>(q);
+  BSK_CUDA_CHECK_LAUNCH();
+  if (splits > 1) {
+    dk::decode_combine_kernel<Elem, kD><<<p.batch * p.heads_q, kD, 0, stream>>>(q);
+    BSK_CUDA_CHECK_LAUNCH();
+  }
+}
+
+template <typename Elem, int kD>
+void pick_heads(const dk::DecodeParams<Elem>& p, int max_rows, int sms, cudaStream_t stream) {
+  if (p.group == 1) return launch_decode<Elem, kD, 1>(p, max_rows, sms, stream);
+  if (p.group <= 4) return launch_decode<Elem, kD, 4>(p, max_rows, sms, stream);
+  return launch_decode<Elem, kD, 8>(p, max_rows, sms, stream);
+}
+
+template <typename Elem>
+void run_decode(const DecodeArgs& a, int device, cudaStream_t stream) {
+  dk::DecodeParams<Elem> p{};
+  p.q = static_cast<const Elem*>(a.q);
+  p.q_sb = a.q_stride[0], p.q_sh = a.q_stride[1];
+  p.k = static_cast<const Elem*>(a.k);
+  p.v = static_cast<const Elem*>(a.v);
+  p.k_sb = a.k_stride[0], p.k_sr = a.k_stride[1], p.k_sh = a.k_stride[2];
+  p.v_sb = a.v_stride[0], p.v_sr = a.v_stride[1], p.v_sh = a.v_stride[2];
+  p.out = static_cast<Elem*>(a.out);
+  p.o_sb = a.out_stride[0], p.o_sh = a.out_stride[1];
+  p.lse = a.lse;
+  p.l_sb = a.lse_stride[0], p.l_sh = a.lse_stride[1];
+  p.batch = a.batch, p.heads_q = a.heads_q, p.heads_kv = a.heads_kv;
+  p.group = a.heads_q / a.heads_kv;
+  p.scale_log2 = a.softmax_scale * 1.4426950408889634f;
+  int max_rows = a.rows_dense;
+  if (a.cache != nullptr) {
+    const SparseKCache& c = *a.cache;
+    p.counts = static_cast<const int*>(c.counts.data);
+    p.slot_u = static_cast<const float*>(c.slot_u.data);
+    p.tau = static_cast<const double*>(c.tau.data);
+    p.status = static_cast<const int*>(c.status.data);
+    p.window = static_cast<int>(c.window);
+    p.slot_rows = static_cast<int>(c.k.shape[2]);
+    p.gate = static_cast<int>(c.gate);
+    max_rows = static_cast<int>(c.k.shape[2]);
+  } else {
+    p.rows_dense = a.rows_dense;
+    p.gate = 2;
+  }
+  const int sms = sm_count(device);
+  if (a.head_dim == 64) return pick_heads<Elem, 64>(p, max_rows, sms, stream);
+  return pick_heads<Elem, 128>(p, max_rows, sms, stream);
+}
+
+template <typename Elem>
+sc::CacheParams<Elem> cache_params(const SparseKCache& c) {
+  sc::CacheParams<Elem> p{};
+  p.k = static_cast<Elem*>(c.k.data);
+  p.v = static_cast<Elem*>(c.v.data);
+  p.slot_u = static_cast<float*>(c.slot_u.data);
+  p.cand_u = static_cast<float*>(c.cand_u.data);
+  p.cand_pos = static_cast<int*>(c.cand_pos.data);
+  p.cand_row = static_cast<int*>(c.cand_row.data);
+  p.tau = static_cast<double*>(c.tau.data);
+  p.counts = static_cast<int*>(c.counts.data);
+  p.status = static_cast<int*>(c.status.data);
+  p.heads_kv = static_cast<int>(c.k.shape[1]);
+  p.rows = static_cast<int>(c.k.shape[2]);
+  p.head_dim = static_cast<int>(c.k.shape[3]);
+  p.window = static_cast<int>(c.window);
+  p.budget = static_cast<int>(c.budget);
+  p.cap = static_cast<int>(c.cand_u.shape[2]);
+  p.soft = c.gate != Gate::kNone;
+  return p;
+}
+
+template <typename Elem>
+sc::KVSource<Elem> kv_source(const TensorView& k, const TensorView& v) {
+  return {static_cast<const Elem*>(k.data), static_cast<const Elem*>(v.data), k.stride[0],
+          k.stride[1], k.stride[2], v.stride[0], v.stride[1], v.stride[2]};
+}
+
+sc::ScoreSource score_source(const TensorView& u) {
+  return {static_cast<const float*>(u.data), u.stride[0], u.stride[1], u.stride[2]};
+}
+
+template <typename Elem>
+void run_prefill(const SparseKCache& c, const TensorView& k, const TensorView& v,
+                 const TensorView& u, const TensorView* lengths, cudaStream_t stream) {
+  const int groups = static_cast<int>(c.k.shape[0] * c.k.shape[1]);
+  unsigned long long* bad = nullptr;
+  BSK_CUDA_CHECK(cudaMallocAsync(&bad, 2 * sizeof(unsigned long long), stream));
+  struct Free {
+    unsigned long long* p;
+    cudaStream_t s;
+    ~Free() { cudaFreeAsync(p, s); }
+  } free_bad{bad, stream};
+  BSK_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, 2 * sizeof(unsigned long long), stream));
+  BSK_CUDA_CHECK(cudaMemsetAsync(c.status.data, 0, 2 * sizeof(int), stream));
+  if (groups > 0) {
+    sc::cache_prefill_kernel<Elem><<<groups, sc::kBuildThreads, 0, stream>>>(
+        cache_params<Elem>(c), kv_source<Elem>(k, v), score_source(u),
+        lengths ? static_cast<const int*>(lengths->data) : nullptr, static_cast<int>(k.shape[1]),
+        bad);
+    BSK_CUDA_CHECK_LAUNCH();
+  }
+  unsigned long long flags[2];
+  BSK_CUDA_CHECK(cudaMemcpyAsync(flags, bad, sizeof(flags), cudaMemcpyDeviceToHost, stream));
+  BSK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const int64_t H = c.k.shape[1], L = k.shape[1];
+  if (flags[0] != ~0ull) {
+    const int64_t e = static_cast<int64_t>(flags[0] - 1), grp = e / L, j = e % L;
+    throw InvalidArgument("u", "scores must be finite (no NaN or inf); u[" +
+                                   std::to_string(grp / H) + ", " + std::to_string(grp % H) +
+                                   ", " + std::to_string(j) + "] is not");
+  }
+  if (flags[1] != ~0ull) {
+    const int64_t grp = static_cast<int64_t>(flags[1] - 1);
+    BSK_CUDA_CHECK(cudaMemsetAsync(c.status.data, 0xff, sizeof(int), stream));  // unusable
+    throw InvalidArgument("cand_u", "sequence " + std::to_string(grp / H) + ", KV head " +
+                                        std::to_string(grp % H) +
+                                        " has more candidate scores above tau than the score "
+                                        "capacity " + std::to_string(c.cand_u.shape[2]) +
+                                        " (cand_u.shape[2]): allocate a larger capacity");
+  }
+}
+
+}  // namespace
+
+void decode_attention_cuda(const DecodeArgs& a, int device, cudaStream_t stream) {
+  if (a.batch == 0 || a.heads_q == 0) return;
+  if (a.dtype == DType::kFloat16) return run_decode<__half>(a, device, stream);
+  return run_decode<__nv_bfloat16>(a, device, stream);
+}
+
+void sparsek_cache_prefill_cuda(const SparseKCache& c, const TensorView& k, const TensorView& v,
+                                const TensorView& u, const TensorView* lengths,
+                                cudaStream_t stream) {
+  if (c.k.dtype == DType::kFloat16) return run_prefill<__half>(c, k, v, u, lengths, stream);
+  return run_prefill<__nv_bfloat16>(c, k, v, u, lengths, stream);
+}
+
+void sparsek_cache_append_cuda(const SparseKCache& c, const TensorView& k_new,
+                               const TensorView& v_new, const TensorView& u_new,
+                               cudaStream_t stream) {
+  const int groups = static_cast<int>(c.k.shape[0] * c.k.shape[1]);
+  if (groups == 0) return;
+  const int batch = static_cast<int>(c.k.shape[0]);
+  if (c.k.dtype == DType::kFloat16) {
+    sc::cache_append_kernel<__half><<<groups, sc::kAppendThreads, 0, stream>>>(
+        cache_params<__half>(c), kv_source<__half>(k_new, v_new), score_source(u_new), batch);
+  } else {
+    sc::cache_append_kernel<__nv_bfloat16><<<groups, sc::kAppendThreads, 0, stream>>>(
+        cache_params<__nv_bfloat16>(c), kv_source<__nv_bfloat16>(k_new, v_new),
+        score_source(u_new), batch);
+  }
+  BSK_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace bsk::detail
