@@ -8,6 +8,7 @@ OUT=${OUT:-$PWD/build/decode_check}
 mkdir -p "$OUT"
 export BSK_WHEELS=${BSK_WHEELS:-$PWD/.whl} PYTHONUNBUFFERED=1 BSK_CUDA_ARCHS=${BSK_CUDA_ARCHS:-80;90a}
 source scripts/deps.sh
+set +e  # deps.sh sets -e; a failing step must not hide the ones after it
 t0=$(date +%s)
 python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/pip.log" 2>&1 ||
   { tail -30 "$OUT/pip.log"; exit 1; }

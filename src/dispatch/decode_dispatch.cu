@@ -1,7 +1,10 @@
-// Decode dispatch: (dtype, head dim, heads per CTA) -> the split-rows decode kernel and its
-// combine; and the SparseK cache's build and append kernels. Instantiations: decode 2 dtypes x
-// 2 head dims x 3 head counts, combine 2 x 2, cache 2 + 2.
+// Decode dispatch: (dtype, head dim, heads per CTA) -> the split-rows decode kernel; and the
+// SparseK cache's build and append kernels. Instantiations: decode 2 dtypes x 2 head dims x 3
+// head counts, cache 2 + 2.
 #include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <cmath>
 #include <string>
 
 #include "bsk/error.h"
@@ -16,12 +19,14 @@ namespace {
 namespace dk = kernels::decode;
 namespace sc = kernels::skcache;
 
+constexpr int kMaxDevices = 64;
+
 int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 64 && cached[device] > 0) return cached[device];
+  static std::atomic<int> cached[kMaxDevices] = {};
+  if (device < kMaxDevices && cached[device].load() > 0) return cached[device].load();
   int n = 0;
   BSK_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device < 64) cached[device] = n;
+  if (device < kMaxDevices) cached[device].store(n);
   return n;
 }
 
@@ -35,39 +40,64 @@ struct Scratch {
   }
 };
 
+// Splits of the rows: with fewer groups than resident CTAs, as many as fill the GPU once (batch 1
+// is latency-bound: every CTA runs at once); otherwise the fewest whose waves are >= 90% full.
+// The last CTA of each group combines the splits (no second kernel).
 template <typename Elem, int kD, int kH>
-void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int sms, cudaStream_t stream) {
+void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cudaStream_t stream) {
+  auto* kernel = dk::decode_attention_kernel<Elem, kD, kH>;
+  constexpr int kSmem = dk::DecodeSmem<kD, Elem>::kBytes;
+  // The shared-memory attribute and the occupancy, once per device (both are per device).
+  static std::mutex mu;
+  static int per_sm_of[kMaxDevices] = {};
+  int per_sm = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    int& cached = per_sm_of[device < kMaxDevices ? device : 0];
+    if (cached == 0 || device >= kMaxDevices) {
+      BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+      BSK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cached, kernel, dk::kThreads, kSmem));
+      cached = std::max(1, cached);
+    }
+    per_sm = cached;
+  }
+  const int sms = sm_count(device);
   dk::DecodeParams<Elem> q = p;
   q.head_chunks = (p.group + kH - 1) / kH;
-  const int64_t ctas = static_cast<int64_t>(p.batch) * p.heads_kv * q.head_chunks;
-  // Enough CTAs for about 4 per SM, rows split in multiples of the chunk.
+  const int64_t groups = static_cast<int64_t>(p.batch) * p.heads_kv * q.head_chunks;
+  const int64_t slots = static_cast<int64_t>(sms) * per_sm;
   const int max_splits = std::max(1, (max_rows + dk::kChunk - 1) / dk::kChunk);
-  int splits = static_cast<int>(std::min<int64_t>(max_splits, (4LL * sms + ctas - 1) / ctas));
-  splits = std::max(1, splits);
+  int splits = 1;
+  if (groups < slots) {
+    splits = static_cast<int>(std::min<int64_t>(max_splits, slots / groups));
+  } else {
+    for (; splits < std::min(max_splits, 8); ++splits) {
+      const double waves = static_cast<double>(groups * splits) / slots;
+      if (waves / std::ceil(waves) >= 0.9) break;
+    }
+  }
   q.split_rows = ((max_rows + splits - 1) / splits + dk::kChunk - 1) / dk::kChunk * dk::kChunk;
-  if (q.split_rows == 0) q.split_rows = dk::kChunk;
   q.splits = splits = std::max(1, (max_rows + q.split_rows - 1) / q.split_rows);
   Scratch scratch(stream);
   if (splits > 1) {
     const int64_t rows = static_cast<int64_t>(splits) * p.batch * p.heads_q;
-    BSK_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, rows * (kD + 2) * sizeof(float), stream));
+    const size_t part = rows * (kD + 2) * sizeof(float), counters = groups * sizeof(int);
+    BSK_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, part + counters, stream));
     q.part_o = static_cast<float*>(scratch.ptr);
     q.part_ml = q.part_o + rows * kD;
+    q.counters = reinterpret_cast<int*>(static_cast<char*>(scratch.ptr) + part);
+    BSK_CUDA_CHECK(cudaMemsetAsync(q.counters, 0, counters, stream));
   }
   const dim3 grid(splits, p.heads_kv * q.head_chunks, p.batch);
-  dk::decode_attention_kernel<Elem, kD, kH><<<grid, dk::kThreads, 0, stream>>>(q);
+  kernel<<<grid, dk::kThreads, kSmem, stream>>>(q);
   BSK_CUDA_CHECK_LAUNCH();
-  if (splits > 1) {
-    dk::decode_combine_kernel<Elem, kD><<<p.batch * p.heads_q, kD, 0, stream>>>(q);
-    BSK_CUDA_CHECK_LAUNCH();
-  }
 }
 
 template <typename Elem, int kD>
-void pick_heads(const dk::DecodeParams<Elem>& p, int max_rows, int sms, cudaStream_t stream) {
-  if (p.group == 1) return launch_decode<Elem, kD, 1>(p, max_rows, sms, stream);
-  if (p.group <= 4) return launch_decode<Elem, kD, 4>(p, max_rows, sms, stream);
-  return launch_decode<Elem, kD, 8>(p, max_rows, sms, stream);
+void pick_heads(const dk::DecodeParams<Elem>& p, int max_rows, int device, cudaStream_t stream) {
+  if (p.group == 1) return launch_decode<Elem, kD, 1>(p, max_rows, device, stream);
+  if (p.group <= 4) return launch_decode<Elem, kD, 4>(p, max_rows, device, stream);
+  return launch_decode<Elem, kD, 8>(p, max_rows, device, stream);
 }
 
 template <typename Elem>
@@ -101,9 +131,8 @@ void run_decode(const DecodeArgs& a, int device, cudaStream_t stream) {
     p.rows_dense = a.rows_dense;
     p.gate = 2;
   }
-  const int sms = sm_count(device);
-  if (a.head_dim == 64) return pick_heads<Elem, 64>(p, max_rows, sms, stream);
-  return pick_heads<Elem, 128>(p, max_rows, sms, stream);
+  if (a.head_dim == 64) return pick_heads<Elem, 64>(p, max_rows, device, stream);
+  return pick_heads<Elem, 128>(p, max_rows, device, stream);
 }
 
 template <typename Elem>

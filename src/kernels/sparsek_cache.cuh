@@ -72,6 +72,7 @@ __device__ __forceinline__ unsigned long long entry_key(float u, int pos) {
 struct Scan0 {  // what the append's first pass over the entries finds
   TauPiece piece;
   unsigned long long worst;  // min key among selected entries
+  int worst_at;              // its entry
   int free_at;               // first reusable entry (u <= tau, not selected)
   float zmin;
 };
@@ -80,6 +81,7 @@ struct Scan0Op {
     Scan0 r;
     r.piece = bsk::detail::tau_piece_merge(a.piece, b.piece);
     r.worst = a.worst < b.worst ? a.worst : b.worst;
+    r.worst_at = a.worst < b.worst ? a.worst_at : b.worst_at;
     r.free_at = a.free_at < b.free_at ? a.free_at : b.free_at;
     r.zmin = fminf(a.zmin, b.zmin);
     return r;
@@ -99,7 +101,9 @@ struct PieceOp {
   }
 };
 
-constexpr int kAppendThreads = 256;
+// Wide blocks: the passes over the candidate entries are latency-bound at batch 1 (one block
+// per KV head), so each thread should have few entries to load.
+constexpr int kAppendThreads = 512;
 
 // tau by the walk from lo (f(lo) >= k); `piece` describes the piece at lo when `have_piece`.
 template <int kThreads>
@@ -112,6 +116,7 @@ __device__ double walk(const float* zu, int n, int k, double lo, TauPiece piece,
     if (have_piece && bsk::detail::tau_piece_step(piece, k, lo, tau)) return tau;
     have_piece = true;
     TauPiece mine;
+#pragma unroll 4
     for (int e = threadIdx.x; e < n; e += kThreads)
       bsk::detail::tau_piece_add(mine, static_cast<double>(zu[e]), lo);
     const TauPiece all = Reduce(tmp).Reduce(mine, PieceOp());
@@ -136,8 +141,18 @@ __global__ void __launch_bounds__(kAppendThreads)
   __shared__ Scan0 s0;
   __shared__ int s_bad;
 
-  if (p.status[0] != 0) return;  // sticky: a broken cache is left as it is
   const int grp = blockIdx.x, b = grp / p.heads_kv, h = grp % p.heads_kv;
+  // Every load the step needs up front (latency, not bandwidth, bounds this kernel).
+  const int status = p.status[0];
+  int* cnt = p.counts + 3 * grp;
+  const int pos = cnt[0], cpos = pos - p.window;
+  int n = cnt[1], nsel = cnt[2];
+  const double tau_old = p.tau[grp];
+  const float unew = un.at(b, h, 0);
+  const int64_t gbase = static_cast<int64_t>(grp) * p.rows;
+  const int ring = p.window > 0 && cpos >= 0 ? cpos % p.window : 0;
+  const float uc = p.window > 0 ? p.slot_u[gbase + ring] : unew;
+  if (status != 0) return;  // sticky: a broken cache is left as it is
   // All or nothing: every block checks every new score, so a bad one changes no group.
   int bad = INT_MAX;
   for (int i = threadIdx.x; i < batch * p.heads_kv; i += kAppendThreads)
@@ -153,22 +168,14 @@ __global__ void __launch_bounds__(kAppendThreads)
     return;
   }
 
-  int* cnt = p.counts + 3 * grp;
-  const int pos = cnt[0], cpos = pos - p.window;
-  int n = cnt[1], nsel = cnt[2];
-  const double tau_old = p.tau[grp];
   double tau = tau_old;
-  const float unew = un.at(b, h, 0);
   const Elem* k_new = src.k + b * src.k_sb + h * src.k_sh;
   const Elem* v_new = src.v + b * src.v_sb + h * src.v_sh;
   float* zu = p.cand_u + static_cast<int64_t>(grp) * p.cap;
   int* zp = p.cand_pos + static_cast<int64_t>(grp) * p.cap;
   int* zr = p.cand_row + static_cast<int64_t>(grp) * p.cap;
-  const int64_t gbase = static_cast<int64_t>(grp) * p.rows;
 
   if (p.budget > 0 && cpos >= 0) {
-    const int ring = p.window > 0 ? cpos % p.window : 0;
-    const float uc = p.window > 0 ? p.slot_u[gbase + ring] : unew;
     const Elem* kc = p.window > 0 ? p.k + (gbase + ring) * p.head_dim : k_new;
     const Elem* vc = p.window > 0 ? p.v + (gbase + ring) * p.head_dim : v_new;
     int take_row = -1;
@@ -179,14 +186,17 @@ __global__ void __launch_bounds__(kAppendThreads)
     } else if (!p.soft || static_cast<double>(uc) > tau_old) {
       Scan0 mine;
       mine.worst = ~0ull;
+      mine.worst_at = -1;
       mine.free_at = INT_MAX;
       mine.zmin = INFINITY;
       const bool tau_known = tau_old > -INFINITY;
+#pragma unroll 4
       for (int e = threadIdx.x; e < n; e += kAppendThreads) {
         const float z = zu[e];
-        if (zr[e] >= 0) {
-          const unsigned long long key = entry_key(z, zp[e]);
-          if (key < mine.worst) mine.worst = key;
+        const int row = zr[e], zpos = zp[e];
+        if (row >= 0) {
+          const unsigned long long key = entry_key(z, zpos);
+          if (key < mine.worst) mine.worst = key, mine.worst_at = e;
         } else if (static_cast<double>(z) <= tau_old && e < mine.free_at) {
           mine.free_at = e;
         }
@@ -198,14 +208,8 @@ __global__ void __launch_bounds__(kAppendThreads)
       __syncthreads();
       const Scan0 sc = s0;
       const float u_worst = sparsek::from_order_code(static_cast<uint32_t>(sc.worst >> 32));
-      const int worst_pos = static_cast<int>(sc.worst & 0xffffffffu);
       const bool in = uc >= u_worst;  // ties go to the newer key
-      // The worst selected entry's index: the block finds it by its position.
-      __shared__ int s_worst;
-      for (int e = threadIdx.x; e < n; e += kAppendThreads)
-        if (zr[e] >= 0 && zp[e] == worst_pos) s_worst = e;
-      __syncthreads();
-      const int worst = s_worst;
+      const int worst = sc.worst_at;
       if (!p.soft) {
         if (in) {
           take_row = zr[worst];

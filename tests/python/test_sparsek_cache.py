@@ -142,7 +142,7 @@ def test_prefill_state_equals_appended_state(gate):
 
 
 def small_cache(device="cpu", **kw):
-    q, k, v, u = stream(2, 40, 4, 2, 16, "normal", seed=5)
+    q, k, v, u = stream(2, 40, 4, 2, 64, "normal", seed=5)
     args = dict(k_budget=6, window=4, gate="key_value")
     args.update(kw)
     dt = torch.float64 if device == "cpu" else torch.bfloat16
