@@ -23,6 +23,7 @@ if [ "${BSK_WITH_TEST_DEPS:-0}" = 1 ]; then
   missing numpy && need+=(numpy==2.4.6)
   missing pytest && need+=(pytest==9.2.0)
   missing hypothesis && need+=(hypothesis==6.170.15)
+  missing transformers && need+=(transformers==5.17.0)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: installing ${need[*]}"

@@ -35,7 +35,6 @@ from typing import Optional
 import torch
 
 try:
-    import transformers  # noqa: F401  (the clear message below, not a deep import error)
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import (

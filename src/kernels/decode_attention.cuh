@@ -148,6 +148,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   Elem* tiles = reinterpret_cast<Elem*>(smem_raw);
   __shared__ float s_logit[kMaxHeads][kChunk];
   __shared__ float s_gate[kChunk];
+  __shared__ float s_u[kStages][kChunk];  // scores of the gated rows, staged with their K/V
   __shared__ float s_alpha[kMaxHeads];
   __shared__ float s_max[kMaxHeads], s_den[kMaxHeads];
   __shared__ bool s_last;
@@ -161,9 +162,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const bool broken = p.status != nullptr && p.status[0] != 0;
   const Elem* kb = p.k + b * p.k_sb + g * p.k_sh;
   const Elem* vb = p.v + b * p.v_sb + g * p.v_sh;
-  auto physical = [&](int r) { return r < gr.na ? r : p.window + (r - gr.na); };
+  auto physical = [=](int r) { return r < gr.na ? r : p.window + (r - gr.na); };
 
-  auto load_chunk = [&](int c) {
+  auto load_chunk = [=](int c) {
     Elem* st = tiles + (c % kStages) * DecodeSmem<kD, Elem>::kStageElems;
     const int c0 = r_begin + c * kChunk;
     for (int t = tid; t < 2 * kVecs; t += kThreads) {
@@ -176,6 +177,15 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
           *reinterpret_cast<const cute::uint128_t*>(src),
           *reinterpret_cast<cute::uint128_t*>(st + (is_v ? kChunk * kD : 0) + i * kD + col),
           valid);
+    }
+    // The gated rows' scores ride in the same cp.async group (a load per row on the critical
+    // path of the scores would stall every chunk).
+    for (int i = tid; i < kChunk; i += kThreads) {
+      const int r = c0 + i;
+      if (r < r_end && r >= gr.na && p.gate != 2)
+        cute::SM80_CP_ASYNC_CACHEALWAYS<uint32_t>::copy(
+            *reinterpret_cast<const uint32_t*>(p.slot_u + static_cast<int64_t>(grp) * p.slot_rows + physical(r)),
+            *reinterpret_cast<uint32_t*>(&s_u[c % kStages][i]));
     }
   };
 #pragma unroll
@@ -235,8 +245,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
         float m = 1.f;
         const int r = c0 + i;
         if (i < n && r >= gr.na && p.gate != 2)
-          m = static_cast<float>(bsk::detail::clip_gate(
-              static_cast<double>(p.slot_u[grp * p.slot_rows + physical(r)]) - gr.tau));
+          m = static_cast<float>(
+              bsk::detail::clip_gate(static_cast<double>(s_u[c % kStages][i]) - gr.tau));
 #pragma unroll
         for (int h = 0; h < kMaxHeads; ++h)
           s_logit[h][i] = i < n ? (p.gate == 0 ? m * dot[h] : dot[h]) : -INFINITY;
