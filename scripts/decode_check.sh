@@ -15,7 +15,7 @@ python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/pip.log" 2>&1 
 echo "install: $(( $(date +%s) - t0 )) s"
 root=$PWD
 tests="$root/tests/python/test_sparsek_cache.py"
-[ -f "$root/tests/python/test_hf.py" ] && tests="$tests $root/tests/python/test_hf.py"
+tests="$tests $root/tests/python/test_hf.py $root/tests/python/test_hf_sparsek.py"
 (cd /tmp && python3 -m pytest -q $tests ${BSK_PYTEST_ARGS:-} >"$OUT/pytest.log" 2>&1); echo "pytest rc=$?"
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 if [ -z "${BSK_SKIP_SANITIZER:-}" ]; then

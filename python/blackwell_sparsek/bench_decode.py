@@ -7,7 +7,8 @@ context L. Ours: one decode step of SparseKCache (append the new K/V/score, then
 cache built by a prefill of L tokens (random scores with the paper's recency slope; the prefill's
 K/V are one random row per (sequence, KV head) broadcast along L, since a step's cost depends on
 the cached rows, not on where they came from). Peers, in the same process: sdpa-cudnn and
-sdpa-flash decoding (Sq = 1) over a full L-token K/V cache. Eager: CUDA events around each
+sdpa-flash decoding (Sq = 1) over a full L-token K/V cache, and our dense attention on the same
+cache ("ours-dense": the decode kernel behind bsk.attention when Sq = 1). Eager: CUDA events around each
 Python call, back to back; graph: one CUDA graph replay per step. Ours rotates over enough
 caches (layers) that the set is >= 4x L2, so no step reads a cache left in L2 by the previous
 one. GB/s counts the bytes a step must read: the cached K/V rows in use and the candidate scores
@@ -100,15 +101,21 @@ def run_ours(B, L, l2):
 
 def run_peer(name, B, L):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    backend = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}[name]
+    import blackwell_sparsek as bsk
     g = torch.Generator(device="cuda").manual_seed(1)
     kc = torch.empty(B, HKV, L, D, device="cuda", dtype=torch.bfloat16).normal_(generator=g)
     vc = torch.empty_like(kc).normal_(generator=g)
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    if name == "ours-dense":  # our dense attention, Sq = 1, on the same BHSD cache (BSHD views)
+        def fn():
+            return bsk.attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2))
+    else:
+        backend = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "sdpa-flash": SDPBackend.FLASH_ATTENTION}[name]
 
-    def fn():
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+        def fn():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
     try:
         eager = time_calls([fn])
         graph = time_calls(graph_calls([fn]))
@@ -158,7 +165,7 @@ def run(batches, L, peers):
             r["graph_GBps"] = r["bytes"] / (r["graph_ms"] * 1e-3) / 1e9
         o = base["ours"]
         for p in peers:
-            if p in base:
+            if p in base and p != "ours-dense":
                 for mode in ("eager", "graph"):
                     o[f"speedup_{mode}_vs_{p}"] = base[p][f"{mode}_ms"] / o[f"{mode}_ms"]
         rows += res
@@ -202,7 +209,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join("bench", "results"))
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--peers", default="sdpa-cudnn,sdpa-flash")
+    ap.add_argument("--peers", default="sdpa-cudnn,sdpa-flash,ours-dense")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: benchmarks need one", file=sys.stderr)

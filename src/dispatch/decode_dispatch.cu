@@ -1,6 +1,5 @@
-// Decode dispatch: (dtype, head dim, heads per CTA) -> the split-rows decode kernel; and the
-// SparseK cache's build and append kernels. Instantiations: decode 2 dtypes x 2 head dims x 3
-// head counts, cache 2 + 2.
+// Decode dispatch: (dtype, head dim) -> the split-rows decode kernel; and the SparseK cache's
+// build and append kernels. Instantiations: decode 2 dtypes x 2 head dims, cache 2 + 2.
 #include <algorithm>
 #include <atomic>
 #include <mutex>
@@ -43,9 +42,9 @@ struct Scratch {
 // Splits of the rows: with fewer groups than resident CTAs, as many as fill the GPU once (batch 1
 // is latency-bound: every CTA runs at once); otherwise the fewest whose waves are >= 90% full.
 // The last CTA of each group combines the splits (no second kernel).
-template <typename Elem, int kD, int kH>
+template <typename Elem, int kD>
 void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cudaStream_t stream) {
-  auto* kernel = dk::decode_attention_kernel<Elem, kD, kH>;
+  auto* kernel = dk::decode_attention_kernel<Elem, kD>;
   constexpr int kSmem = dk::DecodeSmem<kD, Elem>::kBytes;
   // The shared-memory attribute and the occupancy, once per device (both are per device).
   static std::mutex mu;
@@ -63,10 +62,10 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
   }
   const int sms = sm_count(device);
   dk::DecodeParams<Elem> q = p;
-  q.head_chunks = (p.group + kH - 1) / kH;
+  q.head_chunks = (p.group + dk::kHeads - 1) / dk::kHeads;
   const int64_t groups = static_cast<int64_t>(p.batch) * p.heads_kv * q.head_chunks;
   const int64_t slots = static_cast<int64_t>(sms) * per_sm;
-  const int max_splits = std::max(1, (max_rows + dk::kChunk - 1) / dk::kChunk);
+  const int max_splits = std::max(1, std::min(dk::kMaxSplits, (max_rows + dk::kChunk - 1) / dk::kChunk));
   int splits = 1;
   if (groups < slots) {
     splits = static_cast<int>(std::min<int64_t>(max_splits, slots / groups));
@@ -91,13 +90,6 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
   const dim3 grid(splits, p.heads_kv * q.head_chunks, p.batch);
   kernel<<<grid, dk::kThreads, kSmem, stream>>>(q);
   BSK_CUDA_CHECK_LAUNCH();
-}
-
-template <typename Elem, int kD>
-void pick_heads(const dk::DecodeParams<Elem>& p, int max_rows, int device, cudaStream_t stream) {
-  if (p.group == 1) return launch_decode<Elem, kD, 1>(p, max_rows, device, stream);
-  if (p.group <= 4) return launch_decode<Elem, kD, 4>(p, max_rows, device, stream);
-  return launch_decode<Elem, kD, 8>(p, max_rows, device, stream);
 }
 
 template <typename Elem>
@@ -131,8 +123,8 @@ void run_decode(const DecodeArgs& a, int device, cudaStream_t stream) {
     p.rows_dense = a.rows_dense;
     p.gate = 2;
   }
-  if (a.head_dim == 64) return pick_heads<Elem, 64>(p, max_rows, device, stream);
-  return pick_heads<Elem, 128>(p, max_rows, device, stream);
+  if (a.head_dim == 64) return launch_decode<Elem, 64>(p, max_rows, device, stream);
+  return launch_decode<Elem, 128>(p, max_rows, device, stream);
 }
 
 template <typename Elem>

@@ -1,7 +1,7 @@
 // One query position per sequence against a list of cached K/V rows (decoding), split across
 // CTAs along the rows when there are few (sequence, KV head) groups (flash-decoding), with a
 // deterministic combine. Memory-bound: every cached row is read once per KV group, for all the
-// query heads of the group at once (GQA), in 16-byte vectors.
+// query heads of the group at once (GQA), with tensor-core products.
 //
 // The rows of group (b, g) are a "virtual" list: rows [0, nA) weigh 1, and rows [nA, nA + nB)
 // are SparseK's selected keys, stored from physical row `gated_base` on, each gated by
@@ -17,12 +17,17 @@
 #include <cute/arch/copy_sm80.hpp>
 
 #include "common/sparsek_tau_walk.h"
+#include "kernels/sm80_primitives.cuh"
 
 namespace bsk::kernels::decode {
 
-constexpr int kThreads = 128;
-constexpr int kChunk = 64;  // rows per pipeline stage (K and V tiles)
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kChunk = 16 * kWarps;  // rows per pipeline stage: one 16-row mma tile per warp
 constexpr int kStages = 3;
+constexpr int kHeads = 8;  // query heads per CTA: the mma's n = 8
+// Splits per group at most (their combine weights live in the tiles' shared memory).
+constexpr int kMaxSplits = 256;
 
 template <typename Elem>
 struct DecodeParams {
@@ -94,65 +99,87 @@ __device__ __forceinline__ GroupRows group_rows(const DecodeParams<Elem>& p, int
 
 template <int kD, typename Elem>
 struct DecodeSmem {
-  static constexpr int kStageElems = 2 * kChunk * kD;  // K rows, then V rows
+  static constexpr int kStageElems = 2 * kChunk * kD;  // K rows, then V rows (swizzled)
   static constexpr int kBytes = kStages * kStageElems * static_cast<int>(sizeof(Elem));
 };
 
-// The final output of heads [h0, h0 + nh) from `splits` partials, in split order.
+// The final output of heads [h0, h0 + nh) from `splits` partials, in split order. The split
+// weights come first, into shared memory (one L2 load per (split, head), all in parallel), so
+// each output element then sums independent loads instead of walking two dependent chains.
 template <typename Elem, int kD>
-__device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int nh, bool broken) {
+__device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int nh, bool broken,
+                                 float (*s_w)[kHeads], float* s_den, float* s_mx) {
   const int64_t stride = static_cast<int64_t>(p.batch) * p.heads_q;
+  const int64_t bh0 = static_cast<int64_t>(b) * p.heads_q + h0;
+  for (int i = threadIdx.x; i < p.splits * nh; i += kThreads) {
+    const int sp = i / nh, h = i % nh;
+    s_w[sp][h] = __ldcg(p.part_ml + 2 * (sp * stride + bh0 + h));  // the split's max, for now
+  }
+  __syncthreads();
+  if (threadIdx.x < nh) {
+    const int h = threadIdx.x;
+    float mx = -INFINITY;
+    for (int sp = 0; sp < p.splits; ++sp) mx = fmaxf(mx, s_w[sp][h]);
+    const float ref = mx == -INFINITY ? 0.f : mx;
+    float den = 0.f;
+    for (int sp = 0; sp < p.splits; ++sp) {
+      const float w = exp2f(s_w[sp][h] - ref);
+      s_w[sp][h] = w;
+      den = fmaf(__ldcg(p.part_ml + 2 * (sp * stride + bh0 + h) + 1), w, den);
+    }
+    s_den[h] = den, s_mx[h] = mx;
+  }
+  __syncthreads();
   const float nan = __int_as_float(0x7fc00000);
   for (int idx = threadIdx.x; idx < nh * kD; idx += kThreads) {
-    const int hq = h0 + idx / kD, d = idx % kD;
-    const int64_t bh = static_cast<int64_t>(b) * p.heads_q + hq;
-    float mx = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, __ldcg(p.part_ml + 2 * (s * stride + bh)));
-    const float ref = mx == -INFINITY ? 0.f : mx;
-    float den = 0.f, o = 0.f;
-    for (int s = 0; s < p.splits; ++s) {
-      const int64_t row = s * stride + bh;
-      const float w = exp2f(__ldcg(p.part_ml + 2 * row) - ref);
-      den = fmaf(__ldcg(p.part_ml + 2 * row + 1), w, den);
-      o = fmaf(__ldcg(p.part_o + row * kD + d), w, o);
-    }
+    const int h = idx / kD, d = idx % kD, hq = h0 + h;
+    float o = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < p.splits; ++sp)
+      o = fmaf(__ldcg(p.part_o + (sp * stride + bh0 + h) * kD + d), s_w[sp][h], o);
+    const float den = s_den[h];
     p.out[b * p.o_sb + hq * p.o_sh + d] =
         Vec8<Elem>::from_float(broken ? nan : (den > 0.f ? o / den : 0.f));
     if (d == 0 && p.lse != nullptr)
       p.lse[b * p.l_sb + hq * p.l_sh] =
-          broken ? nan : (den > 0.f ? (mx + log2f(den)) * 0.69314718055994531f : -INFINITY);
+          broken ? nan : (den > 0.f ? (s_mx[h] + log2f(den)) * 0.69314718055994531f : -INFINITY);
   }
 }
 
-// grid: (splits, Hkv * head_chunks, B); up to kMaxHeads query heads of one KV group per CTA (1, 4
-// or 8: registers hold kMaxHeads x 8 query values and accumulators per thread). Rows stream
-// through a kStages-deep cp.async pipeline of kChunk-row K/V tiles, so a CTA keeps loads in
-// flight while it computes (the kernel is bound by memory bandwidth, or at batch 1 by latency).
-// Each thread owns 8 consecutive dims of one row at a time: kLanes = D / 8 lanes per row,
-// kThreads / kLanes rows at once. With splits > 1 the last CTA of a group to finish combines the
-// partials, in split order (deterministic); `counters` (zeroed per launch) count the arrivals.
-template <typename Elem, int kD, int kMaxHeads>
+// grid: (splits, Hkv * head_chunks, B); kHeads = 8 query heads of one KV group per CTA (one mma
+// n-tile; larger groups take several CTAs). Rows stream through a kStages-deep cp.async pipeline
+// of kChunk-row K/V tiles. The products run on tensor cores with the rows as the M dimension:
+// S^T = K Q^T (each warp one 16-row tile, Q^T as the B operand in registers) and
+// O^T += V^T P^T (each warp D / 4 output dims, P^T from shared memory), so the per-row work is a
+// few mma instructions instead of a dot product and a shuffle reduction per head (which made an
+// earlier CUDA-core version issue-bound at ~55% of the copy bandwidth). With splits > 1 the last
+// CTA of a group to finish combines the partials, in split order (deterministic); `counters`
+// (zeroed per launch) count the arrivals.
+template <typename Elem, int kD>
 __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeParams<Elem> p) {
-  constexpr int kLanes = kD / 8;
-  constexpr int kRowsPar = kThreads / kLanes;
-  constexpr int kVecs = kChunk * kLanes;  // 16-byte vectors per K (or V) tile
+  using sm80::ldsm_x4;
+  using sm80::ldsm_x4_trans;
+  using sm80::swizzle;
+  constexpr int kVecs = kChunk * kD / 8;  // 16-byte vectors per K (or V) tile
+  constexpr int kDimTiles = kD / 16 / kWarps;  // output m-tiles (16 dims) per warp
+  constexpr int kPStride = kChunk + 8;        // padded rows of P^T: conflict-free ldmatrix
   const int split = blockIdx.x;
   const int g = blockIdx.y / p.head_chunks;
-  const int h0 = g * p.group + (blockIdx.y % p.head_chunks) * kMaxHeads;
-  const int nh = min(kMaxHeads, g * p.group + p.group - h0);
+  const int h0 = g * p.group + (blockIdx.y % p.head_chunks) * kHeads;
+  const int nh = min(kHeads, g * p.group + p.group - h0);
   const int b = blockIdx.z;
   const int grp = b * p.heads_kv + g;
-  const int tid = threadIdx.x, lane_in_row = tid % kLanes, row_par = tid / kLanes;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gq = lane / 4, tq = lane % 4;
 
   extern __shared__ uint4 smem_raw[];
   Elem* tiles = reinterpret_cast<Elem*>(smem_raw);
-  __shared__ float s_logit[kMaxHeads][kChunk];
+  __shared__ float s_logit[kHeads][kChunk];
+  __shared__ __align__(16) Elem s_p[kHeads][kPStride];
   __shared__ float s_gate[kChunk];
   __shared__ float s_u[kStages][kChunk];  // scores of the gated rows, staged with their K/V
-  __shared__ float s_alpha[kMaxHeads];
-  __shared__ float s_max[kMaxHeads], s_den[kMaxHeads];
+  __shared__ float s_alpha[kHeads];
+  __shared__ float s_max[kHeads], s_den[kHeads];
   __shared__ bool s_last;
-  float* s_red = reinterpret_cast<float*>(smem_raw);  // reuses the tiles after the loop
 
   const GroupRows gr = group_rows(p, grp);
   const int total = gr.na + gr.nb;
@@ -162,29 +189,34 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const bool broken = p.status != nullptr && p.status[0] != 0;
   const Elem* kb = p.k + b * p.k_sb + g * p.k_sh;
   const Elem* vb = p.v + b * p.v_sb + g * p.v_sh;
-  auto physical = [=](int r) { return r < gr.na ? r : p.window + (r - gr.na); };
+  // Plain locals, not captures of p: taking the address of a kernel parameter (a lambda
+  // capturing p by reference, or copying it) puts it in local memory.
+  const int na = gr.na, window = p.window, gate = p.gate;
+  const int64_t k_sr = p.k_sr, v_sr = p.v_sr;
+  const float* su = p.slot_u + static_cast<int64_t>(grp) * p.slot_rows;
+  auto physical = [na, window](int r) { return r < na ? r : window + (r - na); };
 
-  auto load_chunk = [=](int c) {
+  auto load_chunk = [&](int c) {
     Elem* st = tiles + (c % kStages) * DecodeSmem<kD, Elem>::kStageElems;
     const int c0 = r_begin + c * kChunk;
+#pragma unroll
     for (int t = tid; t < 2 * kVecs; t += kThreads) {
       const bool is_v = t >= kVecs;
-      const int e = is_v ? t - kVecs : t, i = e / kLanes, col = (e % kLanes) * 8;
+      const int e = is_v ? t - kVecs : t, i = e / (kD / 8), col = (e % (kD / 8)) * 8;
       const bool valid = c0 + i < r_end;
       const int pr = valid ? physical(c0 + i) : 0;
-      const Elem* src = (is_v ? vb + pr * p.v_sr : kb + pr * p.k_sr) + col;
+      const Elem* src = (is_v ? vb + pr * v_sr : kb + pr * k_sr) + col;
       cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
           *reinterpret_cast<const cute::uint128_t*>(src),
-          *reinterpret_cast<cute::uint128_t*>(st + (is_v ? kChunk * kD : 0) + i * kD + col),
+          *reinterpret_cast<cute::uint128_t*>(st + (is_v ? kChunk * kD : 0) + swizzle<kD>(i, col)),
           valid);
     }
-    // The gated rows' scores ride in the same cp.async group (a load per row on the critical
-    // path of the scores would stall every chunk).
+    // The gated rows' scores ride in the same cp.async group.
     for (int i = tid; i < kChunk; i += kThreads) {
       const int r = c0 + i;
-      if (r < r_end && r >= gr.na && p.gate != 2)
+      if (r < r_end && r >= na && gate != 2)
         cute::SM80_CP_ASYNC_CACHEALWAYS<uint32_t>::copy(
-            *reinterpret_cast<const uint32_t*>(p.slot_u + static_cast<int64_t>(grp) * p.slot_rows + physical(r)),
+            *reinterpret_cast<const uint32_t*>(su + physical(r)),
             *reinterpret_cast<uint32_t*>(&s_u[c % kStages][i]));
     }
   };
@@ -194,85 +226,75 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     cute::cp_async_fence();
   }
 
-  float qf[kMaxHeads][8];
+  // Q^T as the B operand of S^T = K Q^T: b0 = (dims 2t, 2t+1), b1 = (dims 2t+8, 2t+9) of head gq
+  // for each 16-dim k-step; heads past nh are zero.
+  uint32_t qb[kD / 16][2];
+  {
+    const uint32_t* qrow = reinterpret_cast<const uint32_t*>(p.q + b * p.q_sb + (h0 + gq) * p.q_sh);
 #pragma unroll
-  for (int h = 0; h < kMaxHeads; ++h) {
-    if (h < nh) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p.q + b * p.q_sb + (h0 + h) * p.q_sh +
-                                                        lane_in_row * 8);
-      Vec8<Elem>::to_float(raw, qf[h]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) qf[h][i] *= p.scale_log2;
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) qf[h][i] = 0.f;
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      qb[ks][0] = gq < nh ? qrow[(ks * 16 + 2 * tq) / 2] : 0u;
+      qb[ks][1] = gq < nh ? qrow[(ks * 16 + 2 * tq + 8) / 2] : 0u;
     }
   }
-  float acc[kMaxHeads][8];
+  float acc[kDimTiles][4];
 #pragma unroll
-  for (int h = 0; h < kMaxHeads; ++h)
+  for (int mt = 0; mt < kDimTiles; ++mt)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[h][i] = 0.f;
-  if (tid < kMaxHeads) s_max[tid] = -INFINITY, s_den[tid] = 0.f;
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
+  if (tid < kHeads) s_max[tid] = -INFINITY, s_den[tid] = 0.f;
 
   for (int c = 0; c < chunks; ++c) {
     cute::cp_async_wait<kStages - 2>();
     __syncthreads();  // chunk c has landed; chunk c - 1's stage is free
     if (c + kStages - 1 < chunks) load_chunk(c + kStages - 1);
     cute::cp_async_fence();
-    const Elem* ks = tiles + (c % kStages) * DecodeSmem<kD, Elem>::kStageElems;
-    const Elem* vs = ks + kChunk * kD;
+    const Elem* ks_tile = tiles + (c % kStages) * DecodeSmem<kD, Elem>::kStageElems;
+    const Elem* vs_tile = ks_tile + kChunk * kD;
     const int c0 = r_begin + c * kChunk, n = min(kChunk, r_end - c0);
-    // Scores: logits in the log2 domain (gated logits for key_value).
+    // S^T for this warp's 16 rows: A = K rows (m = row, k = dim), ldmatrix without transpose.
+    {
+      float sacc[4] = {0.f, 0.f, 0.f, 0.f};
+      const int a_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const int a_col = ((lane >> 4) & 1) * 8;
 #pragma unroll
-    for (int i = row_par; i < kChunk; i += kRowsPar) {
-      float dot[kMaxHeads];
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        uint32_t a[4];
+        ldsm_x4(ks_tile + swizzle<kD>(a_row, ks * 16 + a_col), a);
+        sm80::mma_16x8x16<Elem>(sacc, a, qb[ks][0], qb[ks][1]);
+      }
+      // sacc[e]: row warp*16 + gq + 8*(e>>1), head 2*tq + (e&1).
 #pragma unroll
-      for (int h = 0; h < kMaxHeads; ++h) dot[h] = 0.f;
-      const uint4 raw = *reinterpret_cast<const uint4*>(ks + i * kD + lane_in_row * 8);
-      float kf[8];
-      Vec8<Elem>::to_float(raw, kf);
-#pragma unroll
-      for (int h = 0; h < kMaxHeads; ++h)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dot[h] = fmaf(qf[h][e], kf[e], dot[h]);
-#pragma unroll
-      for (int h = 0; h < kMaxHeads; ++h)
-#pragma unroll
-        for (int off = kLanes / 2; off > 0; off /= 2)
-          dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], off);
-      if (lane_in_row == 0) {
+      for (int e = 0; e < 4; ++e) {
+        const int i = warp * 16 + gq + 8 * (e >> 1), h = 2 * tq + (e & 1);
         float m = 1.f;
-        const int r = c0 + i;
-        if (i < n && r >= gr.na && p.gate != 2)
+        if (i < n && c0 + i >= na && gate != 2)
           m = static_cast<float>(
               bsk::detail::clip_gate(static_cast<double>(s_u[c % kStages][i]) - gr.tau));
-#pragma unroll
-        for (int h = 0; h < kMaxHeads; ++h)
-          s_logit[h][i] = i < n ? (p.gate == 0 ? m * dot[h] : dot[h]) : -INFINITY;
-        s_gate[i] = i < n ? m : 0.f;
+        const float sv = sacc[e] * p.scale_log2;
+        s_logit[h][i] = i < n ? (gate == 0 ? m * sv : sv) : -INFINITY;
+        if (h == 0) s_gate[i] = i < n ? m : 0.f;
       }
     }
     __syncthreads();
-    // Online softmax per head: one warp per head.
-    for (int h = tid / 32; h < nh; h += kThreads / 32) {
-      const int l = tid % 32;
+    // Online softmax per head, one warp per head; P^T (value weights) to shared memory.
+    for (int h = warp; h < kHeads; h += kWarps) {
       float mx = -INFINITY;
-      for (int i = l; i < kChunk; i += 32) mx = fmaxf(mx, s_logit[h][i]);
+      for (int i = lane; i < kChunk; i += 32) mx = fmaxf(mx, s_logit[h][i]);
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
       const float m_old = s_max[h], m_new = fmaxf(m_old, mx);
       const float ref = m_new == -INFINITY ? 0.f : m_new;
       float den = 0.f;
-      for (int i = l; i < kChunk; i += 32) {
+      for (int i = lane; i < kChunk; i += 32) {
         const float e = exp2f(s_logit[h][i] - ref);
         den += e;
-        s_logit[h][i] = e * s_gate[i];  // the value weight
+        s_p[h][i] = Vec8<Elem>::from_float(e * s_gate[i]);
       }
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) den += __shfl_xor_sync(0xffffffffu, den, off);
       __syncwarp();
-      if (l == 0) {
+      if (lane == 0) {
         const float alpha = exp2f(m_old - ref);
         s_alpha[h] = alpha;
         s_den[h] = s_den[h] * alpha + den;
@@ -280,53 +302,56 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       }
     }
     __syncthreads();
+    // O^T += V^T P^T: A = V^T (m = dim, k = row) by ldmatrix with transpose, B = P^T (k = row,
+    // n = head) from s_p. acc[mt][e]: dim (warp*kDimTiles + mt)*16 + gq + 8*(e>>1), head 2tq+(e&1).
+    {
+      const float a0 = s_alpha[2 * tq], a1 = s_alpha[2 * tq + 1];
 #pragma unroll
-    for (int h = 0; h < kMaxHeads; ++h) {
-      const float a = h < nh ? s_alpha[h] : 0.f;
+      for (int mt = 0; mt < kDimTiles; ++mt) {
+        acc[mt][0] *= a0, acc[mt][1] *= a1, acc[mt][2] *= a0, acc[mt][3] *= a1;
+      }
+      const int v_row = (lane & 7) + ((lane >> 4) & 1) * 8, v_col = ((lane >> 3) & 1) * 8;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[h][e] *= a;
-    }
+      for (int ks = 0; ks < kChunk / 16; ks += 2) {
+        uint32_t pb[4];  // b0, b1 of k-step ks, then of ks + 1
+        ldsm_x4(&s_p[lane & 7][ks * 16 + (lane >> 3) * 8], pb);
 #pragma unroll
-    for (int i = row_par; i < kChunk; i += kRowsPar) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(vs + i * kD + lane_in_row * 8);
-      float vf[8];
-      Vec8<Elem>::to_float(raw, vf);  // zero-filled rows past n carry weight 0
+        for (int kk = 0; kk < 2; ++kk) {
 #pragma unroll
-      for (int h = 0; h < kMaxHeads; ++h) {
-        const float w = h < nh ? s_logit[h][i] : 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(w, vf[e], acc[h][e]);
+          for (int mt = 0; mt < kDimTiles; ++mt) {
+            uint32_t a[4];
+            ldsm_x4_trans(vs_tile + swizzle<kD>((ks + kk) * 16 + v_row,
+                                                (warp * kDimTiles + mt) * 16 + v_col), a);
+            sm80::mma_16x8x16<Elem>(acc[mt], a, pb[2 * kk], pb[2 * kk + 1]);
+          }
+        }
       }
     }
   }
   cute::cp_async_wait<0>();
-  __syncthreads();  // the tiles are free for the reduction
+  __syncthreads();  // s_den / s_max final
 
-  // Sum the row-parallel partial accumulators in a fixed order (deterministic).
-#pragma unroll
-  for (int h = 0; h < kMaxHeads; ++h)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) s_red[(row_par * kMaxHeads + h) * kD + lane_in_row * 8 + e] = acc[h][e];
-  __syncthreads();
   const float nan = __int_as_float(0x7fc00000);
-  for (int idx = tid; idx < nh * kD; idx += kThreads) {
-    const int h = idx / kD, d = idx % kD;
-    float o = 0.f;
-    for (int r = 0; r < kRowsPar; ++r) o += s_red[(r * kMaxHeads + h) * kD + d];
-    const int hq = h0 + h;
-    const float den = s_den[h], mx = s_max[h];
-    if (p.splits == 1) {
-      const float val = broken ? nan : (den > 0.f ? o / den : 0.f);
-      p.out[b * p.o_sb + hq * p.o_sh + d] = Vec8<Elem>::from_float(val);
-      if (d == 0 && p.lse != nullptr)
-        p.lse[b * p.l_sb + hq * p.l_sh] =
-            broken ? nan : (den > 0.f ? (mx + log2f(den)) * 0.69314718055994531f : -INFINITY);
-    } else {
-      const int64_t row = (static_cast<int64_t>(split) * p.batch + b) * p.heads_q + hq;
-      p.part_o[row * kD + d] = o;
-      if (d == 0) p.part_ml[2 * row] = mx, p.part_ml[2 * row + 1] = den;
+#pragma unroll
+  for (int mt = 0; mt < kDimTiles; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = 2 * tq + (e & 1), d = (warp * kDimTiles + mt) * 16 + gq + 8 * (e >> 1);
+      if (h >= nh) continue;
+      const int hq = h0 + h;
+      const float o = acc[mt][e], den = s_den[h], mx = s_max[h];
+      if (p.splits == 1) {
+        p.out[b * p.o_sb + hq * p.o_sh + d] =
+            Vec8<Elem>::from_float(broken ? nan : (den > 0.f ? o / den : 0.f));
+        if (d == 0 && p.lse != nullptr)
+          p.lse[b * p.l_sb + hq * p.l_sh] =
+              broken ? nan : (den > 0.f ? (mx + log2f(den)) * 0.69314718055994531f : -INFINITY);
+      } else {
+        const int64_t row = (static_cast<int64_t>(split) * p.batch + b) * p.heads_q + hq;
+        p.part_o[row * kD + d] = o;
+        if (d == 0) p.part_ml[2 * row] = mx, p.part_ml[2 * row + 1] = den;
+      }
     }
-  }
   if (p.splits == 1) return;
   __threadfence();  // this CTA's partials are visible before it is counted
   __syncthreads();
@@ -338,7 +363,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  combine_partials<Elem, kD>(p, b, h0, nh, broken);
+  // The weights of up to kMaxSplits splits: the tiles' space is free now.
+  combine_partials<Elem, kD>(p, b, h0, nh, broken, reinterpret_cast<float (*)[kHeads]>(smem_raw),
+                             s_den, s_max);
 }
 
 }  // namespace bsk::kernels::decode
