@@ -111,9 +111,11 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
                                  float (*s_w)[kHeads], float* s_den, float* s_mx) {
   const int64_t stride = static_cast<int64_t>(p.batch) * p.heads_q;
   const int64_t bh0 = static_cast<int64_t>(b) * p.heads_q + h0;
+  float(*s_l)[kHeads] = s_w + kMaxSplits;  // the splits' denominators
   for (int i = threadIdx.x; i < p.splits * nh; i += kThreads) {
     const int sp = i / nh, h = i % nh;
-    s_w[sp][h] = __ldcg(p.part_ml + 2 * (sp * stride + bh0 + h));  // the split's max, for now
+    const float2 ml = __ldcg(reinterpret_cast<const float2*>(p.part_ml + 2 * (sp * stride + bh0 + h)));
+    s_w[sp][h] = ml.x, s_l[sp][h] = ml.y;  // the split's max (a weight soon) and denominator
   }
   __syncthreads();
   if (threadIdx.x < nh) {
@@ -125,7 +127,7 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
     for (int sp = 0; sp < p.splits; ++sp) {
       const float w = exp2f(s_w[sp][h] - ref);
       s_w[sp][h] = w;
-      den = fmaf(__ldcg(p.part_ml + 2 * (sp * stride + bh0 + h) + 1), w, den);
+      den = fmaf(s_l[sp][h], w, den);
     }
     s_den[h] = den, s_mx[h] = mx;
   }
