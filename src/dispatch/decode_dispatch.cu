@@ -76,6 +76,7 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
     }
   }
   q.split_rows = ((max_rows + splits - 1) / splits + dk::kChunk - 1) / dk::kChunk * dk::kChunk;
+  if (q.split_rows == 0) q.split_rows = dk::kChunk;  // no rows (Skv = 0): one empty split
   q.splits = splits = std::max(1, (max_rows + q.split_rows - 1) / q.split_rows);
   Scratch scratch(stream);
   if (splits > 1) {

@@ -118,7 +118,9 @@ SHAPES = [
     (2, 1, 1, 4, 4, 64),
     (2, 17, 17, 4, 4, 64),
     (1, 1000, 1000, 2, 2, 128),
-    (1, 1, 1000, 8, 8, 64),       # decode-like
+    (1, 1, 1000, 8, 8, 64),       # decode-like (Sq = 1 runs the decode kernel)
+    (3, 1, 5000, 32, 8, 128),     # decode, GQA 32/8, many splits
+    (2, 1, 77, 12, 1, 64),        # decode, MQA with 12 heads: two CTAs per group, one half empty
     (2, 100, 300, 4, 4, 128),     # Sq < Skv
     (2, 300, 100, 4, 4, 64),      # Sq > Skv: leading rows see no key when causal
     (1, 257, 257, 32, 8, 128),    # GQA 32/8
@@ -173,8 +175,10 @@ def test_sdpa_bhsd_matches_torch():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_poisoned_outputs_fully_written(causal):
-    B, Sq, Skv, H, D = 2, 77, 50, 4, 64  # Sq > Skv: the empty rows must be written too
+@pytest.mark.parametrize("sq_skv", [(77, 50), (1, 50), (1, 3000)], ids=lambda t: "Sq{}_Skv{}".format(*t))
+def test_poisoned_outputs_fully_written(causal, sq_skv):
+    # Sq > Skv: the empty rows must be written too; Sq = 1: the decode kernel, split or not.
+    (Sq, Skv), B, H, D = sq_skv, 2, 4, 64
     q = randn((B, Sq, H, D), torch.float16, 15)
     k = randn((B, Skv, H, D), torch.float16, 16)
     v = randn((B, Skv, H, D), torch.float16, 17)
@@ -277,10 +281,11 @@ def test_opcheck_cuda():
 def test_no_keys_gives_zero_rows():
     """Skv = 0: every row sees no key (out 0, lse -inf) on both kernel families; the Hopper path
     once crashed the process building a TMA descriptor with a dimension of size 0."""
-    q = randn((2, 5, 4, 64), torch.float16, 41)
-    k = torch.empty((2, 0, 2, 64), device="cuda", dtype=torch.float16)
-    for causal in (False, True):
-        out, lse = bsk.attention(q, k, k, causal=causal, return_lse=True)
-        torch.cuda.synchronize()
-        assert torch.equal(out, torch.zeros_like(out))
-        assert torch.equal(lse, torch.full_like(lse, -math.inf))
+    for sq in (5, 1):  # Sq = 1 takes the decode kernel (it once divided by zero here)
+        q = randn((2, sq, 4, 64), torch.float16, 41)
+        k = torch.empty((2, 0, 2, 64), device="cuda", dtype=torch.float16)
+        for causal in (False, True):
+            out, lse = bsk.attention(q, k, k, causal=causal, return_lse=True)
+            torch.cuda.synchronize()
+            assert torch.equal(out, torch.zeros_like(out))
+            assert torch.equal(lse, torch.full_like(lse, -math.inf))
