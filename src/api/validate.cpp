@@ -126,6 +126,10 @@ AttnShape check_attention_args(const TensorView& q, const TensorView& k, const T
   check_rank(out, "out", 4, "[B, Sq, Hq, D]");
 
   const bool cuda = q.device.type == DeviceType::kCUDA;
+  // q's own dtype first: an integer q is the mistake, not the others' mismatch with it.
+  if (q.dtype == DType::kInt64 || q.dtype == DType::kInt32)
+    throw InvalidArgument("q", std::string("dtype must be a floating-point type, got ") +
+                                   dtype_name(q.dtype));
   const TensorView* all[] = {&q, &k, &v, &out};
   const char* names[] = {"q", "k", "v", "out"};
   for (int i = 0; i < 4; ++i) {
@@ -141,8 +145,6 @@ AttnShape check_attention_args(const TensorView& q, const TensorView& k, const T
     if (q.dtype != DType::kFloat16 && q.dtype != DType::kBFloat16)
       throw InvalidArgument("q", std::string("dtype must be float16 or bfloat16 on CUDA, got ") +
                                      dtype_name(q.dtype));
-  } else if (q.dtype == DType::kInt64) {
-    throw InvalidArgument("q", "dtype must be a floating-point type, got int64");
   }
 
   const AttnShape s{q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]};
