@@ -266,6 +266,18 @@ def test_cuda_cache_matches_prefill_definition(case, dtype):
 
 
 @pytest.mark.cuda
+def test_cuda_thousands_of_steps_with_evictions():
+    q, k, v, u = stream(1, 2400, 4, 1, 64, "normal", seed=13)
+    u += 0.002 * torch.arange(2400)  # a slow drift: the selection keeps changing
+    for gate in ("key_value", "none"):
+        out, lse, cache = decode_run(q, k, v, u, 16, 8, gate, [400], 2000, "cuda", torch.bfloat16)
+        cache.check()
+        ref, ref_lse = reference(q, k, v, u, 16, 8, gate, [400], 2000, torch.bfloat16)
+        assert rel(out, ref) <= 2 * rel(ref.bfloat16().double(), ref) + FLOOR[torch.bfloat16]
+        torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-3)
+
+
+@pytest.mark.cuda
 def test_cuda_decode_is_bitwise_reproducible():
     q, k, v, u = stream(2, 400, 8, 2, 128, "normal", seed=7)
     a = decode_run(q, k, v, u, 64, 32, "key_value", [200, 300], 100, "cuda", torch.bfloat16)
