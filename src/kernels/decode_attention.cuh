@@ -4,7 +4,7 @@
 // query heads of the group at once (GQA), with tensor-core products.
 //
 // The rows of group (b, g) are a "virtual" list: rows [0, nA) weigh 1, and rows [nA, nA + nB)
-// are SparseK's selected keys, stored from physical row `gated_base` on, each gated by
+// are SparseK's selected keys, stored from physical row `window` on, each gated by
 // m = clip(u - tau, 0, 1) (docs/SPARSEK_SPEC.md, Output). Dense decoding is nA = Skv, nB = 0.
 #pragma once
 
@@ -58,30 +58,15 @@ struct DecodeParams {
   int* counters;   // [B, Hkv * head_chunks], zero at launch (splits > 1)
 };
 
+// float -> the element type, round to nearest.
 template <typename Elem>
-struct Vec8;
+struct Round;
 template <>
-struct Vec8<__half> {
-  __device__ static void to_float(const uint4& r, float* f) {
-    const __half2* h = reinterpret_cast<const __half2*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 x = __half22float2(h[i]);
-      f[2 * i] = x.x, f[2 * i + 1] = x.y;
-    }
-  }
+struct Round<__half> {
   __device__ static __half from_float(float x) { return __float2half_rn(x); }
 };
 template <>
-struct Vec8<__nv_bfloat16> {
-  __device__ static void to_float(const uint4& r, float* f) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 x = __bfloat1622float2(h[i]);
-      f[2 * i] = x.x, f[2 * i + 1] = x.y;
-    }
-  }
+struct Round<__nv_bfloat16> {
   __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
@@ -141,7 +126,7 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
       o = fmaf(__ldcg(p.part_o + (sp * stride + bh0 + h) * kD + d), s_w[sp][h], o);
     const float den = s_den[h];
     p.out[b * p.o_sb + hq * p.o_sh + d] =
-        Vec8<Elem>::from_float(broken ? nan : (den > 0.f ? o / den : 0.f));
+        Round<Elem>::from_float(broken ? nan : (den > 0.f ? o / den : 0.f));
     if (d == 0 && p.lse != nullptr)
       p.lse[b * p.l_sb + hq * p.l_sh] =
           broken ? nan : (den > 0.f ? (s_mx[h] + log2f(den)) * 0.69314718055994531f : -INFINITY);
@@ -291,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       for (int i = lane; i < kChunk; i += 32) {
         const float e = exp2f(s_logit[h][i] - ref);
         den += e;
-        s_p[h][i] = Vec8<Elem>::from_float(e * s_gate[i]);
+        s_p[h][i] = Round<Elem>::from_float(e * s_gate[i]);
       }
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) den += __shfl_xor_sync(0xffffffffu, den, off);
@@ -344,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       const float o = acc[mt][e], den = s_den[h], mx = s_max[h];
       if (p.splits == 1) {
         p.out[b * p.o_sb + hq * p.o_sh + d] =
-            Vec8<Elem>::from_float(broken ? nan : (den > 0.f ? o / den : 0.f));
+            Round<Elem>::from_float(broken ? nan : (den > 0.f ? o / den : 0.f));
         if (d == 0 && p.lse != nullptr)
           p.lse[b * p.l_sb + hq * p.l_sh] =
               broken ? nan : (den > 0.f ? (mx + log2f(den)) * 0.69314718055994531f : -INFINITY);
