@@ -97,17 +97,21 @@ class SparseKCache:
                return_lse: bool = False):
         """Attention of q [B, 1, Hq, D] at the last appended position; ``out`` [B, 1, Hq, D] (and
         ``lse`` float32 [B, Hq, 1])."""
+        return self._attend(q, softmax_scale, return_lse, self._stream())
+
+    def _attend(self, q, softmax_scale, return_lse, stream):
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = (torch.empty(q.shape[0], q.shape[2], 1, dtype=torch.float32, device=q.device)
                if return_lse else None)
-        self._h.attend(q, out, lse, softmax_scale, self._stream())
+        self._h.attend(q, out, lse, softmax_scale, stream)
         return (out, lse) if return_lse else out
 
     def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
              u_new: torch.Tensor, softmax_scale: Optional[float] = None, return_lse: bool = False):
         """append() then attend(): one decode step."""
-        self.append(k_new, v_new, u_new)
-        return self.attend(q, softmax_scale, return_lse)
+        stream = self._stream()  # looked up once: decode steps are short enough for it to show
+        self._h.append(k_new, v_new, u_new, stream)
+        return self._attend(q, softmax_scale, return_lse, stream)
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <vector>
@@ -259,6 +260,80 @@ void sparsek_scores(const Array& x, const Array& w_score, const Array& slope, co
   bsk::ref::sparsek_scores(tx, tw, ts, tu);
 }
 
+// ---- reference backward passes (CPU only; no front door yet, so the checks live here) ----
+
+// A gradient output: a CPU float tensor shaped like `like`, no zero strides (it is written), not
+// overlapping any input.
+void check_grad_out(const bsk::TensorView& t, const char* name, const bsk::TensorView& like,
+                    const char* like_name, std::initializer_list<const bsk::TensorView*> inputs) {
+  if (t.device.type != bsk::DeviceType::kCPU)
+    throw bsk::InvalidArgument(name, "must be a CPU tensor (this is a CPU reference)");
+  if (t.dtype == bsk::DType::kInt32 || t.dtype == bsk::DType::kInt64)
+    throw bsk::InvalidArgument(name, "must be a floating-point tensor");
+  if (t.ndim != like.ndim)
+    throw bsk::InvalidArgument(name, std::string("must have the shape of ") + like_name);
+  for (int i = 0; i < t.ndim; ++i) {
+    if (t.shape[i] != like.shape[i])
+      throw bsk::InvalidArgument(name, std::string("must have the shape of ") + like_name);
+    if (t.stride[i] < 0 || (t.shape[i] > 1 && t.stride[i] == 0))
+      throw bsk::InvalidArgument(name, "is an output: strides must be positive");
+  }
+  for (const bsk::TensorView* in : inputs) bsk::detail::check_disjoint(t, name, *in, "an input");
+}
+
+void attention_backward_ref(const Array& q, const Array& k, const Array& v, const Array& dout,
+                            const Array& dq, const Array& dk, const Array& dv, bool causal,
+                            std::optional<double> softmax_scale) {
+  const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
+                        tdo = to_view(dout, "dout"), tdq = to_view(dq, "dq"),
+                        tdk = to_view(dk, "dk"), tdv = to_view(dv, "dv");
+  const auto s = bsk::detail::check_attention_args(tq, tk, tv, tdo, nullptr);
+  if (tq.device.type != bsk::DeviceType::kCPU)
+    throw bsk::InvalidArgument("q", "must be a CPU tensor (this is a CPU reference)");
+  check_grad_out(tdq, "dq", tq, "q", {&tq, &tk, &tv, &tdo});
+  check_grad_out(tdk, "dk", tk, "k", {&tq, &tk, &tv, &tdo, &tdq});
+  check_grad_out(tdv, "dv", tv, "v", {&tq, &tk, &tv, &tdo, &tdq, &tdk});
+  bsk::AttentionParams p;
+  p.causal = causal;
+  p.softmax_scale = bsk::detail::resolve_softmax_scale(softmax_scale, s.head_dim, tq.device);
+  nb::gil_scoped_release release;
+  bsk::ref::attention_backward(tq, tk, tv, tdo, tdq, tdk, tdv, p);
+}
+
+void sparsek_attention_backward_ref(const Array& q, const Array& k, const Array& v,
+                                    const Array& u, const Array& dout, const Array& dq,
+                                    const Array& dk, const Array& dv, const Array& du,
+                                    int64_t k_budget, int64_t window, const std::string& gate,
+                                    std::optional<double> softmax_scale) {
+  const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
+                        tu = to_view(u, "u"), tdo = to_view(dout, "dout"),
+                        tdq = to_view(dq, "dq"), tdk = to_view(dk, "dk"),
+                        tdv = to_view(dv, "dv"), tdu = to_view(du, "du");
+  const auto s = bsk::detail::check_attention_args(tq, tk, tv, tdo, nullptr);
+  if (tq.device.type != bsk::DeviceType::kCPU)
+    throw bsk::InvalidArgument("q", "must be a CPU tensor (this is a CPU reference)");
+  check_budget(k_budget);
+  if (window < 0) throw bsk::InvalidArgument("w", "window must be >= 0");
+  if (k_budget == 0 && window == 0)
+    throw bsk::InvalidArgument("k", "k == 0 together with w == 0 leaves no key to attend");
+  check_cpu(tu, "u", bsk::DType::kFloat32);
+  if (tu.ndim != 3 || tu.shape[0] != s.batch || tu.shape[1] != s.heads_kv ||
+      tu.shape[2] != s.seqlen_k)
+    throw bsk::InvalidArgument("u", "must have shape [B, Hkv, Skv]");
+  check_cpu(tdu, "du", bsk::DType::kFloat32);
+  check_grad_out(tdq, "dq", tq, "q", {&tq, &tk, &tv, &tu, &tdo});
+  check_grad_out(tdk, "dk", tk, "k", {&tq, &tk, &tv, &tu, &tdo, &tdq});
+  check_grad_out(tdv, "dv", tv, "v", {&tq, &tk, &tv, &tu, &tdo, &tdq, &tdk});
+  check_grad_out(tdu, "du", tu, "u", {&tq, &tk, &tv, &tu, &tdo, &tdq, &tdk, &tdv});
+  bsk::SparseKParams p;
+  p.k = k_budget;
+  p.w = window;
+  p.gate = to_gate(gate);
+  p.softmax_scale = bsk::detail::resolve_softmax_scale(softmax_scale, s.head_dim, tq.device);
+  nb::gil_scoped_release release;
+  bsk::ref::sparsek_attention_backward(tq, tk, tv, tu, tdo, tdq, tdk, tdv, tdu, p);
+}
+
 // The SparseK decoding cache's state tensors, translated once: append/attend then translate only
 // their new inputs (each DLPack translation costs host time on every decode step). The arrays
 // are kept referenced for the handle's lifetime.
@@ -388,6 +463,17 @@ NB_MODULE(_C, m) {
   m.def("sparsek_scores", &sparsek_scores, nb::arg("x"), nb::arg("w_score"), nb::arg("slope"),
         nb::arg("u"),
         "The paper's scorer u[b,h,j] = x[b,j,:] . w_score[:,h] + slope[h] * j (float32 CPU).");
+  m.def("attention_backward_ref", &attention_backward_ref, nb::arg("q"), nb::arg("k"),
+        nb::arg("v"), nb::arg("dout"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
+        nb::arg("causal") = false, nb::arg("softmax_scale").none() = nb::none(),
+        "Float64 CPU reference backward of dense attention: writes dq, dk, dv (dk/dv summed over "
+        "each GQA group). The forward is recomputed.");
+  m.def("sparsek_attention_backward_ref", &sparsek_attention_backward_ref, nb::arg("q"),
+        nb::arg("k"), nb::arg("v"), nb::arg("u"), nb::arg("dout"), nb::arg("dq"), nb::arg("dk"),
+        nb::arg("dv"), nb::arg("du"), nb::arg("k_budget"), nb::arg("window"),
+        nb::arg("gate") = "key_value", nb::arg("softmax_scale").none() = nb::none(),
+        "Float64 CPU reference backward of SparseK attention: writes dq, dk, dv and du (float32 "
+        "[B,Hkv,Skv], through the SPARSEK VJP; zero for gate 'none').");
   m.def(
       "_set_dense_path",
       [](const std::string& path) {
