@@ -480,6 +480,32 @@ def write_outputs(report, out_dir, stamp):
     return base, md, plotted
 
 
+def env_line(env):
+    """One line naming what a suite ran on (the header of the SparseK suites' tables)."""
+    return (f"commit {env.get('git_commit')}, {env.get('date_utc')}, torch {env.get('torch')}, "
+            f"CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, SM clock after run "
+            f"{env.get('sm_clock_after_run')}")
+
+
+def save_suite(report, out_dir, render, plot=None):
+    """Notes the SM clock after the run in report["env"], then writes
+    <out_dir>/<suite>-<gpu>-<stamp>.json and .md (rendered by `render`) and, given `plot`, .png.
+    Returns the markdown."""
+    smi = _cmd(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader"])
+    report["env"]["sm_clock_after_run"] = smi.splitlines()[0].strip() if smi else None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{report['suite']}-{gpu_slug(report['env'].get('gpu', ''))}-{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    md = render(report)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    if plot is not None:
+        plot(report, base + ".png")
+    return md
+
+
 # ---------------------------------------------------------------- main
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m blackwell_sparsek.bench", description=__doc__,

@@ -17,15 +17,13 @@ over time) is measured in the same run. Correctness: a reduced problem against t
 reference. Writes <out>/sparsek-decode-<gpu>-<stamp>.*.
 """
 import argparse
-import datetime
-import json
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from .bench import capture_env, capture_graphs, gpu_slug, gpu_warmup, time_calls, _cmd
+from .bench import capture_env, capture_graphs, env_line, gpu_warmup, rel_err, save_suite, time_calls
 
 HQ, HKV, D, K, W = 32, 8, 128, 2048, 1024
 
@@ -75,18 +73,13 @@ def graph_calls(fns):
 
 
 def run_ours(B, L, l2):
-    per_cache = None
     caches, fns = [], []
-    n = 1
-    while True:
+    while not caches or (len(caches) * caches[0].nbytes < 4 * l2 and len(caches) < 16):
         c = make_cache(B, L, seed=len(caches))
         caches.append(c)
-        per_cache = c.nbytes
         x = step_inputs(B, 100 + len(caches), L)
         fns.append(lambda c=c, x=x: c.step(*x))
-        if len(caches) * per_cache >= 4 * l2 or len(caches) >= 16:
-            break
-    torch.cuda.synchronize()
+    per_cache = caches[0].nbytes
     for c in caches:
         c.check()
     nbytes = bytes_read(caches[0])
@@ -142,8 +135,8 @@ def check_small():
             for t in range(L, L + T)]
     out = torch.cat(outs, 1).cpu().double()
     ref = bsk.reference.sparsek_attention(q[:, L:].cpu(), kk.cpu(), vv.cpu(), u.cpu(), k, w).double()
-    err = ((out - ref).norm() / ref.norm()).item()
-    rnd = ((ref.bfloat16().double() - ref).norm() / ref.norm()).item()
+    err = rel_err(out, ref)
+    rnd = rel_err(ref.bfloat16().double(), ref)
     return dict(B=B, L=L, steps=T, k=k, w=w, rel_err=err, rel_err_rounding=rnd,
                 ok=err <= 2 * rnd + 8e-3)
 
@@ -176,9 +169,7 @@ def render(report):
     env = report["env"]
     bw = report["copy_GBps"]
     lines = [f"# `sparsek-decode` suite: {env.get('gpu')}", "",
-             f"commit {env.get('git_commit')}, {env.get('date_utc')}, torch {env.get('torch')}, "
-             f"CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, SM clock after run "
-             f"{env.get('sm_clock_after_run')}; device copy bandwidth {bw:.0f} GB/s", "",
+             f"{env_line(env)}; device copy bandwidth {bw:.0f} GB/s", "",
              "Hq=32 Hkv=8 D=128 bf16 k=2048 w=1024 key_value; one decode step (ours: cache "
              "append + attention; peers: attention over the full L-token cache); median ms.", "",
              "| B | L | peer | eager ms | graph ms | GB/s (graph) | % of copy bw | ours faster (eager / graph) |",
@@ -219,16 +210,7 @@ def main(argv=None):
     report = dict(suite="sparsek-decode", env=env, check=check_small(), copy_GBps=copy_bandwidth(),
                   results=run([int(b) for b in args.batches.split(",")], args.context,
                               [p for p in args.peers.split(",") if p]))
-    smi = _cmd(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader"])
-    env["sm_clock_after_run"] = smi.splitlines()[0].strip() if smi else None
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"sparsek-decode-{gpu_slug(env.get('gpu', ''))}-{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    md = render(report)
-    with open(base + ".md", "w") as f:
-        f.write(md)
+    md = save_suite(report, args.out, render)
     print(md)
     return 0
 

@@ -11,15 +11,13 @@ the sum of its kernels' durations from torch.profiler over the same call. Correc
 problem (S=2048) against the float64 reference. Writes <out>/sparsek-prefill-<gpu>-<stamp>.*.
 """
 import argparse
-import datetime
-import json
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from .bench import capture_env, gpu_slug, gpu_warmup, rel_err, time_calls, _cmd
+from .bench import capture_env, env_line, gpu_warmup, rel_err, save_suite, time_calls
 
 B, HQ, HKV, D, K, W, BLK = 1, 32, 8, 128, 2048, 1024, 128
 SELECT_KERNELS = ("encode_scores", "RadixSort", "finish_sort", "select_init", "select_walk", "list_kernel")
@@ -162,9 +160,7 @@ def run(lengths, peers):
 def render(report):
     env = report["env"]
     lines = [f"# `sparsek-prefill` suite: {env.get('gpu')}", "",
-             f"commit {env.get('git_commit')}, {env.get('date_utc')}, torch {env.get('torch')}, "
-             f"CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, SM clock after run "
-             f"{env.get('sm_clock_after_run')}", "",
+             env_line(env), "",
              "B=1 Hq=32 Hkv=8 D=128 bf16 k=2048 w=1024 key_value causal; median ms of CUDA-event "
              "timed calls; TFLOP/s counts the keys each row attends (k + w).", "",
              "| S | peer | ms | TFLOP/s (sparse) | ours faster by | selection us (share) |",
@@ -223,17 +219,7 @@ def main(argv=None):
     gpu_warmup()
     report = dict(suite="sparsek-prefill", env=env, check=check_small(),
                   results=run([int(s) for s in args.lengths.split(",")], args.peers.split(",")))
-    smi = _cmd(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader"])
-    env["sm_clock_after_run"] = smi.splitlines()[0].strip() if smi else None
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"sparsek-prefill-{gpu_slug(env.get('gpu', ''))}-{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    md = render(report)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    write_plot(report, base + ".png")
+    md = save_suite(report, args.out, render, write_plot)
     print(md)
     return 0
 

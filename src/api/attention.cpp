@@ -31,19 +31,8 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   // where the prefill kernels would run one 128-row tile per (batch, head) at 1/128 occupancy.
   // Causal or not is the same here: bottom-right, the last query position sees every key.
   if (s.seqlen_q == 1) {
-    detail::DecodeArgs a{};
-    a.q = q.data, a.k = k.data, a.v = v.data, a.out = out.data;
-    a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
-    a.q_stride[0] = q.stride[0], a.q_stride[1] = q.stride[2];
-    a.k_stride[0] = k.stride[0], a.k_stride[1] = k.stride[1], a.k_stride[2] = k.stride[2];
-    a.v_stride[0] = v.stride[0], a.v_stride[1] = v.stride[1], a.v_stride[2] = v.stride[2];
-    a.out_stride[0] = out.stride[0], a.out_stride[1] = out.stride[2];
-    if (lse) a.lse_stride[0] = lse->stride[0], a.lse_stride[1] = lse->stride[1];
-    a.batch = static_cast<int>(s.batch), a.heads_q = static_cast<int>(s.heads_q);
-    a.heads_kv = static_cast<int>(s.heads_kv), a.head_dim = static_cast<int>(s.head_dim);
-    a.rows_dense = static_cast<int>(s.seqlen_k);
-    a.softmax_scale = static_cast<float>(*p.softmax_scale);
-    a.dtype = q.dtype;
+    const detail::DecodeArgs a = detail::make_decode_args(
+        q, k, v, out, lse, static_cast<float>(*p.softmax_scale));
     detail::decode_attention_cuda(a, q.device.index, stream);
     return;
   }
@@ -79,6 +68,24 @@ DenseFwdArgs make_fwd_args(const TensorView& q, const TensorView& k, const Tenso
   a.head_dim = static_cast<int>(q.shape[3]);
   a.softmax_scale = softmax_scale;
   a.causal = causal;
+  a.dtype = q.dtype;
+  return a;
+}
+
+DecodeArgs make_decode_args(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& out, const TensorView* lse, float softmax_scale) {
+  DecodeArgs a{};
+  a.q = q.data, a.k = k.data, a.v = v.data, a.out = out.data;
+  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
+  a.q_stride[0] = q.stride[0], a.q_stride[1] = q.stride[2];
+  a.k_stride[0] = k.stride[0], a.k_stride[1] = k.stride[1], a.k_stride[2] = k.stride[2];
+  a.v_stride[0] = v.stride[0], a.v_stride[1] = v.stride[1], a.v_stride[2] = v.stride[2];
+  a.out_stride[0] = out.stride[0], a.out_stride[1] = out.stride[2];
+  if (lse) a.lse_stride[0] = lse->stride[0], a.lse_stride[1] = lse->stride[1];
+  a.batch = static_cast<int>(q.shape[0]), a.heads_q = static_cast<int>(q.shape[2]);
+  a.heads_kv = static_cast<int>(k.shape[2]), a.head_dim = static_cast<int>(q.shape[3]);
+  a.rows_dense = static_cast<int>(k.shape[1]);
+  a.softmax_scale = softmax_scale;
   a.dtype = q.dtype;
   return a;
 }

@@ -19,11 +19,7 @@
 namespace bsk {
 namespace {
 
-std::string shape_str(const TensorView& t) {
-  std::string s = "[";
-  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
-  return s + "]";
-}
+using detail::shape_str;
 
 void expect(const TensorView& t, const char* name, DType dtype, std::vector<int64_t> shape,
             const TensorView& ref) {
@@ -124,13 +120,7 @@ void check_kv_input(const TensorView& t, const char* name, const SparseKCache& c
   if (t.shape[3] > 1 && t.stride[3] != 1)
     throw InvalidArgument(name, "the last dim (head dim) must be contiguous");
   if (t.numel() > 0 && t.data == nullptr) throw InvalidArgument(name, "data pointer is null");
-  if (c.k.device.type == DeviceType::kCUDA && t.numel() > 0) {
-    if (reinterpret_cast<std::uintptr_t>(t.data) % 16 != 0)
-      throw InvalidArgument(name, "data must be 16-byte aligned for the CUDA kernels");
-    for (int i = 0; i < 3; ++i)
-      if (t.shape[i] > 1 && t.stride[i] % 8 != 0)
-        throw InvalidArgument(name, "strides of dims 0-2 must be multiples of 8 elements");
-  }
+  if (c.k.device.type == DeviceType::kCUDA) detail::check_cuda_vector_layout(t, name);
 }
 
 void check_scores(const TensorView& u, const char* name, const SparseKCache& c, const Dims& d,
@@ -281,18 +271,8 @@ void sparsek_cache_attend(const SparseKCache& cache, const TensorView& q, const 
   if (q.device.type != DeviceType::kCUDA) return ref::sparsek_cache_attend(cache, q, out, lse, scale);
   detail::DeviceGuard guard(q.device.index);
   detail::check_cuda_pointers(q, kb, vb, out, lse);
-  detail::DecodeArgs a{};
-  a.q = q.data, a.k = cache.k.data, a.v = cache.v.data, a.out = out.data;
-  a.lse = lse ? static_cast<float*>(lse->data) : nullptr;
-  a.q_stride[0] = q.stride[0], a.q_stride[1] = q.stride[2];
-  a.k_stride[0] = cache.k.stride[0], a.k_stride[1] = cache.k.stride[2], a.k_stride[2] = cache.k.stride[1];
-  a.v_stride[0] = cache.v.stride[0], a.v_stride[1] = cache.v.stride[2], a.v_stride[2] = cache.v.stride[1];
-  a.out_stride[0] = out.stride[0], a.out_stride[1] = out.stride[2];
-  if (lse) a.lse_stride[0] = lse->stride[0], a.lse_stride[1] = lse->stride[1];
-  a.batch = static_cast<int>(s.batch), a.heads_q = static_cast<int>(s.heads_q);
-  a.heads_kv = static_cast<int>(s.heads_kv), a.head_dim = static_cast<int>(s.head_dim);
-  a.softmax_scale = static_cast<float>(scale);
-  a.dtype = q.dtype;
+  detail::DecodeArgs a =
+      detail::make_decode_args(q, kb, vb, out, lse, static_cast<float>(scale));
   a.cache = &cache;
   detail::decode_attention_cuda(a, q.device.index, stream);
 }

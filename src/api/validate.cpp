@@ -15,12 +15,6 @@
 namespace bsk::detail {
 namespace {
 
-std::string shape_str(const TensorView& t) {
-  std::string s = "[";
-  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
-  return s + "]";
-}
-
 // Shortest round-trip spelling: std::to_string would print 1e-45 as 0.000000.
 std::string number_str(double x) {
   char buf[32];
@@ -103,6 +97,14 @@ void check_outputs_disjoint(const TensorView& q, const TensorView& k, const Tens
 }
 
 
+}  // namespace
+
+std::string shape_str(const TensorView& t) {
+  std::string s = "[";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + "]";
+}
+
 void check_cuda_vector_layout(const TensorView& t, const char* name) {
   if (t.numel() == 0) return;  // nothing is loaded or stored: any pointer and strides will do
   const auto addr = reinterpret_cast<std::uintptr_t>(t.data);
@@ -115,8 +117,6 @@ void check_cuda_vector_layout(const TensorView& t, const char* name) {
                                       std::to_string(t.stride[i]) + " in dim " +
                                       std::to_string(i));
 }
-
-}  // namespace
 
 AttnShape check_attention_args(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const TensorView* lse) {

@@ -5,10 +5,18 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "bsk/tensor.h"
 
 namespace bsk::detail {
+
+// "[2, 3, 4]": a view's shape for messages.
+std::string shape_str(const TensorView& t);
+
+// The CUDA kernels' 16-byte vector rule: a 16-byte aligned pointer and strides of dims 0-2 that
+// are multiples of 8 elements (empty views pass).
+void check_cuda_vector_layout(const TensorView& t, const char* name);
 
 // Problem sizes read off validated q/k/v.
 struct AttnShape {

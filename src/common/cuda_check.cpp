@@ -51,18 +51,32 @@ DeviceGuard::~DeviceGuard() {
     cudaSetDevice(previous_);
 }
 
+namespace {
+// One cached device attribute per device (queried once; CUDA calls cost host time per launch).
+int cached_attribute(cudaDeviceAttr attr, int device, std::vector<int>& cache) {
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, -1);
+  if (cache[device] < 0) {
+    int value = 0;
+    BSK_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+    cache[device] = value;
+  }
+  return cache[device];
+}
+}  // namespace
+
 int device_cc(int device) {
+  static std::mutex mu;
+  static std::vector<int> major, minor;
+  std::lock_guard<std::mutex> lock(mu);
+  return 10 * cached_attribute(cudaDevAttrComputeCapabilityMajor, device, major) +
+         cached_attribute(cudaDevAttrComputeCapabilityMinor, device, minor);
+}
+
+int device_sm_count(int device) {
   static std::mutex mu;
   static std::vector<int> cache;
   std::lock_guard<std::mutex> lock(mu);
-  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, -1);
-  if (cache[device] < 0) {
-    int major = 0, minor = 0;
-    BSK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    BSK_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    cache[device] = 10 * major + minor;
-  }
-  return cache[device];
+  return cached_attribute(cudaDevAttrMultiProcessorCount, device, cache);
 }
 
 }  // namespace bsk::detail

@@ -24,6 +24,9 @@ class DeviceGuard {
 // Compute capability of `device` as 10*major + minor (cached per device).
 int device_cc(int device);
 
+// Number of SMs of `device` (cached per device: launches size their grids by it every call).
+int device_sm_count(int device);
+
 }  // namespace bsk::detail
 
 #define BSK_CUDA_CHECK(expr)                                                     \

@@ -26,6 +26,11 @@ struct DecodeArgs {
   const SparseKCache* cache;  // SparseK only
 };
 
+// Pointers, element strides and sizes of validated views: q, out [B, 1, Hq, D]; k, v BSHD
+// [B, rows, Hkv, D] (a cache's [B, Hkv, rows, D] tensors pass as BSHD views); rows_dense = rows.
+DecodeArgs make_decode_args(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& out, const TensorView* lse, float softmax_scale);
+
 void decode_attention_cuda(const DecodeArgs& args, int device, cudaStream_t stream);
 
 // The cache's CUDA side (kernels/sparsek_cache.cuh); views validated by the front door.

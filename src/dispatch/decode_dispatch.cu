@@ -1,7 +1,6 @@
 // Decode dispatch: (dtype, head dim) -> the split-rows decode kernel; and the SparseK cache's
 // build and append kernels. Instantiations: decode 2 dtypes x 2 head dims, cache 2 + 2.
 #include <algorithm>
-#include <atomic>
 #include <mutex>
 #include <cmath>
 #include <string>
@@ -9,6 +8,7 @@
 #include "bsk/error.h"
 #include "common/cuda_check.h"
 #include "dispatch/decode.h"
+#include "dispatch/workspace.h"
 #include "kernels/decode_attention.cuh"
 #include "kernels/sparsek_cache.cuh"
 
@@ -20,24 +20,6 @@ namespace sc = kernels::skcache;
 
 constexpr int kMaxDevices = 64;
 
-int sm_count(int device) {
-  static std::atomic<int> cached[kMaxDevices] = {};
-  if (device < kMaxDevices && cached[device].load() > 0) return cached[device].load();
-  int n = 0;
-  BSK_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device < kMaxDevices) cached[device].store(n);
-  return n;
-}
-
-// Scratch for the split partials, released on the stream when the call returns.
-struct Scratch {
-  void* ptr = nullptr;
-  cudaStream_t stream;
-  explicit Scratch(cudaStream_t s) : stream(s) {}
-  ~Scratch() {
-    if (ptr != nullptr) cudaFreeAsync(ptr, stream);
-  }
-};
 
 // Splits of the rows: with fewer groups than resident CTAs, as many as fill the GPU once (batch 1
 // is latency-bound: every CTA runs at once); otherwise the fewest whose waves are >= 90% full.
@@ -60,7 +42,7 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
     }
     per_sm = cached;
   }
-  const int sms = sm_count(device);
+  const int sms = device_sm_count(device);
   dk::DecodeParams<Elem> q = p;
   q.head_chunks = (p.group + dk::kHeads - 1) / dk::kHeads;
   const int64_t groups = static_cast<int64_t>(p.batch) * p.heads_kv * q.head_chunks;
@@ -78,15 +60,17 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
   q.split_rows = ((max_rows + splits - 1) / splits + dk::kChunk - 1) / dk::kChunk * dk::kChunk;
   if (q.split_rows == 0) q.split_rows = dk::kChunk;  // no rows (Skv = 0): one empty split
   q.splits = splits = std::max(1, (max_rows + q.split_rows - 1) / q.split_rows);
-  Scratch scratch(stream);
+  Workspace ws(stream);
   if (splits > 1) {
     const int64_t rows = static_cast<int64_t>(splits) * p.batch * p.heads_q;
-    const size_t part = rows * (kD + 2) * sizeof(float), counters = groups * sizeof(int);
-    BSK_CUDA_CHECK(cudaMallocAsync(&scratch.ptr, part + counters, stream));
-    q.part_o = static_cast<float*>(scratch.ptr);
-    q.part_ml = q.part_o + rows * kD;
-    q.counters = reinterpret_cast<int*>(static_cast<char*>(scratch.ptr) + part);
-    BSK_CUDA_CHECK(cudaMemsetAsync(q.counters, 0, counters, stream));
+    const size_t o_part_o = ws.reserve(rows * kD * sizeof(float));
+    const size_t o_part_ml = ws.reserve(rows * 2 * sizeof(float));
+    const size_t o_counters = ws.reserve(groups * sizeof(int));
+    ws.allocate();
+    q.part_o = ws.at<float>(o_part_o);
+    q.part_ml = ws.at<float>(o_part_ml);
+    q.counters = ws.at<int>(o_counters);
+    BSK_CUDA_CHECK(cudaMemsetAsync(q.counters, 0, groups * sizeof(int), stream));
   }
   const dim3 grid(splits, p.heads_kv * q.head_chunks, p.batch);
   kernel<<<grid, dk::kThreads, kSmem, stream>>>(q);
@@ -164,13 +148,10 @@ template <typename Elem>
 void run_prefill(const SparseKCache& c, const TensorView& k, const TensorView& v,
                  const TensorView& u, const TensorView* lengths, cudaStream_t stream) {
   const int groups = static_cast<int>(c.k.shape[0] * c.k.shape[1]);
-  unsigned long long* bad = nullptr;
-  BSK_CUDA_CHECK(cudaMallocAsync(&bad, 2 * sizeof(unsigned long long), stream));
-  struct Free {
-    unsigned long long* p;
-    cudaStream_t s;
-    ~Free() { cudaFreeAsync(p, s); }
-  } free_bad{bad, stream};
+  Workspace ws(stream);
+  const size_t o_bad = ws.reserve(2 * sizeof(unsigned long long));  // non-finite, overflow
+  ws.allocate();
+  auto* bad = ws.at<unsigned long long>(o_bad);
   BSK_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, 2 * sizeof(unsigned long long), stream));
   BSK_CUDA_CHECK(cudaMemsetAsync(c.status.data, 0, 2 * sizeof(int), stream));
   if (groups > 0) {
@@ -192,7 +173,10 @@ void run_prefill(const SparseKCache& c, const TensorView& k, const TensorView& v
   }
   if (flags[1] != ~0ull) {
     const int64_t grp = static_cast<int64_t>(flags[1] - 1);
-    BSK_CUDA_CHECK(cudaMemsetAsync(c.status.data, 0xff, sizeof(int), stream));  // unusable
+    // The state is partly built: mark it broken (as an append's overflow would) before raising.
+    const int status[2] = {static_cast<int>(CacheStatus::kCapacityExceeded), static_cast<int>(grp)};
+    BSK_CUDA_CHECK(cudaMemcpyAsync(c.status.data, status, sizeof(status), cudaMemcpyHostToDevice, stream));
+    BSK_CUDA_CHECK(cudaStreamSynchronize(stream));
     throw InvalidArgument("cand_u", "sequence " + std::to_string(grp / H) + ", KV head " +
                                         std::to_string(grp % H) +
                                         " has more candidate scores above tau than the score "

@@ -98,9 +98,9 @@ void launch_dense_fwd_sm90(const DenseFwdArgs& a, cudaStream_t stream) {
   p.causal = a.causal;
 
   // Persistent: one CTA per SM (the shared memory allows no second), never more than tiles.
-  int device = 0, sms = 0;
+  int device = 0;
   BSK_CUDA_CHECK(cudaGetDevice(&device));
-  BSK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = device_sm_count(device);
   const int64_t tiles =
       int64_t((a.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM) * a.heads_q * a.batch;
   const int grid = static_cast<int>(std::min<int64_t>(tiles, sms));

@@ -10,6 +10,7 @@
 #include "bsk/error.h"
 #include "common/cuda_check.h"
 #include "dispatch/sparsek_fwd.h"
+#include "dispatch/workspace.h"
 #include "dispatch/dense_fwd_launch.cuh"
 #include "dispatch/dense_fwd_sm90_launch.cuh"
 #include "kernels/sparsek_fwd_sm80.cuh"
@@ -29,34 +30,6 @@ template <typename Elem, int kHeadDim>
 using SparseKSm80Config =
     kernels::DenseFwdConfig<Elem, kHeadDim, /*kBlockM=*/128, /*kBlockN=*/kHeadDim == 64 ? 64 : 32,
                             /*kWarps=*/4, /*kQInRegs=*/false, /*kStages=*/2>;
-
-// One device allocation carved into aligned pieces, released on the stream when it goes out of
-// scope (also when an error unwinds).
-class Workspace {
- public:
-  explicit Workspace(cudaStream_t stream) : stream_(stream) {}
-  ~Workspace() {
-    if (base_ != nullptr) cudaFreeAsync(base_, stream_);
-  }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  // Reserves bytes; pointers are valid after allocate().
-  size_t reserve(size_t bytes) {
-    const size_t off = size_;
-    size_ += (bytes + 255) / 256 * 256;
-    return off;
-  }
-  void allocate() { BSK_CUDA_CHECK(cudaMallocAsync(&base_, size_ ? size_ : 256, stream_)); }
-  template <typename T>
-  T* at(size_t off) const {
-    return reinterpret_cast<T*>(static_cast<char*>(base_) + off);
-  }
-
- private:
-  cudaStream_t stream_;
-  void* base_ = nullptr;
-  size_t size_ = 0;
-};
 
 int grid_for(int64_t n, int threads) {
   return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535));

@@ -108,13 +108,17 @@ void sparsek_cache_prefill(const SparseKCache& cache, const TensorView& k, const
         for (int64_t j = 0; j < m; ++j)
           if (sel[j] || (soft && static_cast<double>(z[j]) > tau)) keep.push_back(j);
       }
-      if (static_cast<int64_t>(keep.size()) > c.C)
+      if (static_cast<int64_t>(keep.size()) > c.C) {
+        // The state is partly built: mark it broken (as an append's overflow would).
+        c.status()[0] = static_cast<int32_t>(CacheStatus::kCapacityExceeded);
+        c.status()[1] = static_cast<int32_t>(g);
         throw InvalidArgument("cand_u", "sequence " + std::to_string(b) + ", KV head " +
                                             std::to_string(h) + " has " +
                                             std::to_string(keep.size()) +
                                             " candidate scores above tau, more than the score "
                                             "capacity " + std::to_string(c.C) +
                                             " (cand_u.shape[2]): allocate a larger capacity");
+      }
       int32_t rows = 0;
       for (size_t e = 0; e < keep.size(); ++e) {
         const int64_t j = keep[e];

@@ -74,6 +74,20 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def case_id(c):
+    return "B{}_H{}x{}_D{}_k{}_w{}_{}_{}_L{}_T{}".format(*c[:8], "-".join(map(str, c[8])), c[9])
+
+
+def run_case(case, device, dtype):
+    """Decodes a case's stream on `device` and evaluates the prefill definition beside it."""
+    B, Hq, Hkv, D, kb, w, gate, kind, lengths, steps = case
+    q, k, v, u = stream(B, max(lengths) + steps, Hq, Hkv, D, kind, seed=sum(lengths) + steps)
+    cap = 1024 if kind == "flat" else None
+    out, lse, cache = decode_run(q, k, v, u, kb, w, gate, lengths, steps, device, dtype, cap)
+    ref, ref_lse = reference(q, k, v, u, kb, w, gate, lengths, steps, dtype)
+    return out, lse, cache, ref, ref_lse, (q, k, v, u, cap)
+
+
 CPU_CASES = [  # B, Hq, Hkv, D, k, w, gate, kind, lengths, steps
     (2, 4, 2, 16, 6, 4, "key_value", "normal", [10, 10], 300),
     (2, 4, 2, 16, 6, 4, "value", "ties", [7, 12], 300),
@@ -90,14 +104,10 @@ CPU_CASES = [  # B, Hq, Hkv, D, k, w, gate, kind, lengths, steps
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "B{}_H{}x{}_D{}_k{}_w{}_{}_{}_L{}_T{}".format(
-    *c[:8], "-".join(map(str, c[8])), c[9]))
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
 def test_cpu_cache_matches_prefill_definition(case, dtype):
-    B, Hq, Hkv, D, kb, w, gate, kind, lengths, steps = case
-    q, k, v, u = stream(B, max(lengths) + steps, Hq, Hkv, D, kind, seed=sum(lengths) + steps)
-    cap = 1024 if kind == "flat" else None
-    out, lse, cache = decode_run(q, k, v, u, kb, w, gate, lengths, steps, "cpu", dtype, cap)
-    ref, ref_lse = reference(q, k, v, u, kb, w, gate, lengths, steps, dtype)
+    lengths, steps = case[8], case[9]
+    out, lse, cache, ref, ref_lse, _ = run_case(case, "cpu", dtype)
     tol = 1e-10 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
@@ -243,15 +253,11 @@ GPU_CASES = [  # B, Hq, Hkv, D, k, w, gate, kind, lengths, steps
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}_H{}x{}_D{}_k{}_w{}_{}_{}_L{}_T{}".format(
-    *c[:8], "-".join(map(str, c[8])), c[9]))
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
 def test_cuda_cache_matches_prefill_definition(case, dtype):
     B, Hq, Hkv, D, kb, w, gate, kind, lengths, steps = case
-    q, k, v, u = stream(B, max(lengths) + steps, Hq, Hkv, D, kind, seed=sum(lengths) + steps)
-    cap = 1024 if kind == "flat" else None
-    out, lse, cache = decode_run(q, k, v, u, kb, w, gate, lengths, steps, "cuda", dtype, cap)
+    out, lse, cache, ref, ref_lse, (q, k, v, u, cap) = run_case(case, "cuda", dtype)
     cache.check()
-    ref, ref_lse = reference(q, k, v, u, kb, w, gate, lengths, steps, dtype)
     assert not torch.isnan(out).any()
     bound = 2 * rel(ref.to(dtype).double(), ref) + FLOOR[dtype]
     assert rel(out, ref) <= bound
