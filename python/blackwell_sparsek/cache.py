@@ -41,7 +41,7 @@ class SparseKCache:
         dtype, device: of the cached K/V (float16/bfloat16 on CUDA).
         score_capacity: how many candidate scores (4 + 8 bytes each, no K/V) the soft gates may
             need at once: those above tau, usually a few times ``k_budget`` but up to the whole
-            context for flat scores. Default ``8 * k_budget`` (``k_budget`` for gate "none",
+            context for flat scores. Default ``max(8 * k_budget, 1024)`` (``k_budget`` for gate "none",
             which needs no more).
     """
 
