@@ -118,6 +118,25 @@ void check_cuda_vector_layout(const TensorView& t, const char* name) {
                                       std::to_string(i));
 }
 
+void check_like(const TensorView& t, const char* name, const TensorView& like,
+                const char* like_name, bool output) {
+  check_rank(t, name, like.ndim, like.ndim == 4 ? "like its input" : "[B, Hkv, Skv]");
+  check_same_shape(t, name, like, like_name);
+  if (t.dtype != like.dtype)
+    throw InvalidArgument(name, std::string("must have the dtype of ") + like_name + " (" +
+                                    dtype_name(like.dtype) + "), got " + dtype_name(t.dtype));
+  if (t.device.type != like.device.type || t.device.index != like.device.index)
+    throw InvalidArgument(name, std::string("must be on the device of ") + like_name + " (" +
+                                    device_str(like.device) + "), got " + device_str(t.device));
+  if (t.ndim == 4) {
+    if (t.shape[3] > 1 && t.stride[3] != 1)
+      throw InvalidArgument(name, "last dimension (head dim) must be contiguous (stride 1), "
+                                  "got stride " + std::to_string(t.stride[3]));
+    if (t.device.type == DeviceType::kCUDA) check_cuda_vector_layout(t, name);
+  }
+  if (output) check_no_self_overlap(t, name);
+}
+
 AttnShape check_attention_args(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const TensorView* lse) {
   check_rank(q, "q", 4, "[B, Sq, Hq, D]");

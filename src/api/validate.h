@@ -30,6 +30,12 @@ struct AttnShape {
 AttnShape check_attention_args(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const TensorView* lse);
 
+// A tensor that must look like `like` (a gradient or dout): same rank, shape, dtype and device,
+// non-negative strides, and for 4-D views a contiguous last dim (plus the 16-byte rule on CUDA).
+// Outputs also must not alias themselves.
+void check_like(const TensorView& t, const char* name, const TensorView& like,
+                const char* like_name, bool output);
+
 // The device exists (bsk::Unsupported where CUDA has no device or driver at all).
 void check_cuda_device(const Device& device, const char* name);
 

@@ -7,6 +7,7 @@
 
 #include "bsk/sparsek.h"
 #include "dispatch/dense_fwd.h"
+#include "dispatch/sparsek_plan.h"
 
 namespace bsk::detail {
 
@@ -21,5 +22,8 @@ struct SparseKFwdArgs {
 // Validates the scores on the device (finite: one host synchronization, so a bad score is an
 // error and never a silently wrong answer), selects, and runs the fused kernel on `stream`.
 void sparsek_fwd_cuda(const SparseKFwdArgs& args, int device, cudaStream_t stream);
+
+// The selection plan's view of the arguments (shared with the backward).
+SparseKPlanArgs plan_args(const SparseKFwdArgs& a);
 
 }  // namespace bsk::detail

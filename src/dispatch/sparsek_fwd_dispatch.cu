@@ -1,26 +1,24 @@
-// SparseK forward on CUDA: score check + radix sort (CUB) -> selection -> per-block key lists ->
-// fused attention kernel, all on the caller's stream. Scratch memory comes from the stream-ordered
-// allocator (cudaMallocAsync), so repeated calls reuse the pool instead of calling cudaMalloc.
+// SparseK forward on CUDA: the selection plan (dispatch/sparsek_plan.h: score check, radix sort,
+// thresholds, per-block key lists) -> fused attention kernel, all on the caller's stream. Scratch
+// memory comes from the stream-ordered allocator (cudaMallocAsync), so repeated calls reuse the
+// pool instead of calling cudaMalloc.
 // Four kernel instantiations per path (2 dtypes x 2 head dims): sm90 (Hopper) where the dense
 // path selection picks Hopper (hopper_path_selected), sm80 elsewhere.
-#include <cub/device/device_radix_sort.cuh>
-
 #include <string>
 
 #include "bsk/error.h"
 #include "common/cuda_check.h"
 #include "dispatch/sparsek_fwd.h"
+#include "dispatch/sparsek_plan.h"
 #include "dispatch/workspace.h"
 #include "dispatch/dense_fwd_launch.cuh"
 #include "dispatch/dense_fwd_sm90_launch.cuh"
 #include "kernels/sparsek_fwd_sm80.cuh"
 #include "kernels/sparsek_fwd_sm90.cuh"
-#include "kernels/sparsek_select.cuh"
 
 namespace bsk::detail {
 namespace {
 
-namespace sk = kernels::sparsek;
 
 // 128 rows per CTA (4 warps, two 16-row tiles each, like the dense kernel): up to 4 query heads
 // of one KV group times 32..128 positions, so gathered K/V rows serve several heads at once.
@@ -31,9 +29,6 @@ using SparseKSm80Config =
     kernels::DenseFwdConfig<Elem, kHeadDim, /*kBlockM=*/128, /*kBlockN=*/kHeadDim == 64 ? 64 : 32,
                             /*kWarps=*/4, /*kQInRegs=*/false, /*kStages=*/2>;
 
-int grid_for(int64_t n, int threads) {
-  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535));
-}
 
 template <class Cfg>
 void launch_attention(const SparseKFwdArgs& a, const kernels::SparseKFwdParams<typename Cfg::Elem>& p,
@@ -98,144 +93,25 @@ void launch_attention_sm90(const SparseKFwdArgs& a, const kernels::SparseKFwdPar
 template <typename Elem>
 void run(const SparseKFwdArgs& a, bool sm90, cudaStream_t stream) {
   const DenseFwdArgs& d = a.attn;
-  const int n = d.seqlen_k, nseg = d.batch * d.heads_kv;
   const int group = d.heads_q / d.heads_kv;
   const int heads = group % 4 == 0 ? 4 : (group % 2 == 0 ? 2 : 1);  // query heads per CTA
-  const int m_max = sk::candidates_of_row(d.seqlen_q - 1, d.seqlen_q, n, a.window);
-  const bool select = a.budget > 0 && m_max > a.budget;
-  const int list_tiles = (d.seqlen_q + sk::kListRows - 1) / sk::kListRows;
-  const int list_cap = std::min(a.budget, n) + sk::kListRows;
-  const int64_t items = static_cast<int64_t>(nseg) * n;
 
   Workspace ws(stream);
-  const size_t o_bad = ws.reserve(2 * sizeof(unsigned long long));  // non-finite, span
-  size_t o_keys_in = 0, o_keys_out = 0, o_vals_in = 0, o_sorted_j = 0, o_sorted_u = 0, o_rank = 0,
-         o_thr_u = 0, o_thr_j = 0, o_tau = 0, o_states = 0, o_list = 0, o_count = 0, o_cub = 0;
-  const int chunks = select ? sk::ChunkPlan(n, a.budget, m_max).count() : 0;
-  size_t cub_bytes = 0;
-  int end_bit = 32;
-  while (end_bit < 64 && (int64_t{1} << (end_bit - 32)) < nseg) ++end_bit;
-  if (select) {
-    o_keys_in = ws.reserve(items * sizeof(unsigned long long));
-    o_keys_out = ws.reserve(items * sizeof(unsigned long long));
-    o_vals_in = ws.reserve(items * sizeof(int));
-    o_sorted_j = ws.reserve(items * sizeof(int));
-    o_sorted_u = ws.reserve(items * sizeof(float));
-    o_rank = ws.reserve(items * sizeof(int));
-    const int64_t thr_items = static_cast<int64_t>(nseg) * (n + 1);
-    o_thr_u = ws.reserve(thr_items * sizeof(float));
-    o_thr_j = ws.reserve(thr_items * sizeof(int));
-    o_tau = ws.reserve(thr_items * sizeof(float));
-    o_states = ws.reserve(static_cast<int64_t>(nseg) * chunks * sizeof(sk::ChunkState));
-    o_list = ws.reserve(static_cast<int64_t>(nseg) * list_tiles * list_cap * sizeof(int));
-    BSK_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(
-        nullptr, cub_bytes, static_cast<unsigned long long*>(nullptr),
-        static_cast<unsigned long long*>(nullptr), static_cast<int*>(nullptr),
-        static_cast<int*>(nullptr), static_cast<int>(items), 0, end_bit, stream));
-    o_cub = ws.reserve(cub_bytes);
-  }
-  if (a.budget > 0) o_count = ws.reserve(static_cast<int64_t>(nseg) * list_tiles * sizeof(int));
+  SparseKPlan plan(plan_args(a), ws);
   ws.allocate();
-
-  // Scores must be finite (and, where a selection with soft gates runs, span at most
-  // kMaxScoreSpan within each (batch, KV head)): checked on the device, then one synchronization
-  // to raise the error.
-  sk::Scores scores{a.u, a.u_stride[0], a.u_stride[1], a.u_stride[2], d.heads_kv, n};
-  unsigned long long flags[2] = {~0ull, ~0ull};
-  auto* bad = ws.at<unsigned long long>(o_bad);
-  if (items > 0) {  // Skv = 0: no score to check (and no grid to launch)
-    BSK_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, 2 * sizeof(unsigned long long), stream));
-    sk::encode_scores_kernel<<<grid_for(items, 256), 256, 0, stream>>>(
-        scores, nseg, select ? ws.at<unsigned long long>(o_keys_in) : nullptr,
-        select ? ws.at<int>(o_vals_in) : nullptr, bad);
-    BSK_CUDA_CHECK_LAUNCH();
-  }
-  if (select) {
-    BSK_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(
-        ws.at<void>(o_cub), cub_bytes, ws.at<unsigned long long>(o_keys_in),
-        ws.at<unsigned long long>(o_keys_out), ws.at<int>(o_vals_in), ws.at<int>(o_sorted_j),
-        static_cast<int>(items), 0, end_bit, stream));
-    sk::finish_sort_kernel<<<grid_for(items, 256), 256, 0, stream>>>(
-        ws.at<unsigned long long>(o_keys_out), ws.at<int>(o_sorted_j), nseg, n,
-        ws.at<float>(o_sorted_u), ws.at<int>(o_rank));
-    BSK_CUDA_CHECK_LAUNCH();
-    if (a.gate != Gate::kNone) {  // hard top-k needs no tau: any finite span is exact
-      sk::check_span_kernel<<<(nseg + 127) / 128, 128, 0, stream>>>(ws.at<float>(o_sorted_u),
-                                                                    nseg, n, bad + 1);
-      BSK_CUDA_CHECK_LAUNCH();
-    }
-  }
-  if (items > 0) {
-    BSK_CUDA_CHECK(cudaMemcpyAsync(flags, bad, sizeof(flags), cudaMemcpyDeviceToHost, stream));
-    BSK_CUDA_CHECK(cudaStreamSynchronize(stream));
-  }
-  if (flags[0] != ~0ull) {
-    const unsigned long long e = flags[0] - 1;
-    const int64_t seg = static_cast<int64_t>(e / n), j = static_cast<int64_t>(e % n);
-    throw InvalidArgument("u", "scores must be finite (no NaN or inf); u[" +
-                                   std::to_string(seg / d.heads_kv) + ", " +
-                                   std::to_string(seg % d.heads_kv) + ", " + std::to_string(j) +
-                                   "] is not");
-  }
-  if (flags[1] != ~0ull) {
-    const int64_t seg = static_cast<int64_t>(flags[1] - 1);
-    throw InvalidArgument("u", "on CUDA the scores of each (batch, KV head) must span at most "
-                               "2^20 (max - min <= 1048576) with gate key_value or value; u[" +
-                                   std::to_string(seg / d.heads_kv) + ", " +
-                                   std::to_string(seg % d.heads_kv) +
-                                   ", :] spans more (the CPU path takes any finite scores)");
-  }
-
-  if (select) {
-    sk::SelectParams sp{};
-    sp.sorted_u = ws.at<float>(o_sorted_u);
-    sp.sorted_j = ws.at<int>(o_sorted_j);
-    sp.rank = ws.at<int>(o_rank);
-    sp.thr_u = ws.at<float>(o_thr_u);
-    sp.thr_j = ws.at<int>(o_thr_j);
-    sp.tau_rel = ws.at<float>(o_tau);
-    sp.n = n;
-    sp.k = a.budget;
-    sp.m_max = m_max;
-    sp.soft = a.gate != Gate::kNone;
-    sp.segments = nseg;
-    const dim3 grid(chunks, nseg);
-    sk::select_init_kernel<<<grid, sk::kSelectThreads, 0, stream>>>(sp, ws.at<sk::ChunkState>(o_states));
-    BSK_CUDA_CHECK_LAUNCH();
-    sk::select_walk_kernel<<<(chunks * nseg + 63) / 64, 64, 0, stream>>>(
-        sp, ws.at<sk::ChunkState>(o_states), chunks);
-    BSK_CUDA_CHECK_LAUNCH();
-  }
-  if (a.budget > 0) {
-    sk::ListParams lp{};
-    lp.sorted_j = select ? ws.at<int>(o_sorted_j) : nullptr;
-    lp.rank = select ? ws.at<int>(o_rank) : nullptr;
-    lp.thr_u = select ? ws.at<float>(o_thr_u) : nullptr;
-    lp.thr_j = select ? ws.at<int>(o_thr_j) : nullptr;
-    lp.scores = scores;
-    lp.list = select ? ws.at<int>(o_list) : nullptr;
-    lp.count = ws.at<int>(o_count);
-    lp.cap = list_cap;
-    lp.n = n;
-    lp.seqlen_q = d.seqlen_q;
-    lp.k = a.budget;
-    lp.w = a.window;
-    lp.tiles = list_tiles;
-    sk::list_kernel<<<dim3(list_tiles, nseg), sk::kSelectThreads, 0, stream>>>(lp);
-    BSK_CUDA_CHECK_LAUNCH();
-  }
+  plan.run(stream);
 
   kernels::SparseKFwdParams<Elem> p{};
   p.attn = make_dense_params<Elem>(d);
   p.u = a.u;
   p.u_sb = a.u_stride[0], p.u_sh = a.u_stride[1], p.u_sj = a.u_stride[2];
-  p.thr_u = select ? ws.at<float>(o_thr_u) : nullptr;
-  p.thr_j = select ? ws.at<int>(o_thr_j) : nullptr;
-  p.tau_rel = select ? ws.at<float>(o_tau) : nullptr;
-  p.list = select ? ws.at<int>(o_list) : nullptr;
-  p.count = a.budget > 0 ? ws.at<int>(o_count) : nullptr;
-  p.list_cap = list_cap;
-  p.list_tiles = list_tiles;
+  p.thr_u = plan.thr_u();
+  p.thr_j = plan.thr_j();
+  p.tau_rel = plan.tau_rel();
+  p.list = plan.list();
+  p.count = plan.count();
+  p.list_cap = plan.list_cap();
+  p.list_tiles = plan.list_tiles();
   p.heads_kv = d.heads_kv;
   p.heads = heads;
   p.budget = a.budget;
@@ -256,6 +132,16 @@ void run(const SparseKFwdArgs& a, bool sm90, cudaStream_t stream) {
 }
 
 }  // namespace
+
+SparseKPlanArgs plan_args(const SparseKFwdArgs& a) {
+  SparseKPlanArgs p{};
+  p.u = a.u;
+  for (int i = 0; i < 3; ++i) p.u_stride[i] = a.u_stride[i];
+  p.batch = a.attn.batch, p.heads_kv = a.attn.heads_kv;
+  p.seqlen_q = a.attn.seqlen_q, p.seqlen_k = a.attn.seqlen_k;
+  p.budget = a.budget, p.window = a.window, p.gate = a.gate;
+  return p;
+}
 
 void sparsek_fwd_cuda(const SparseKFwdArgs& a, int device, cudaStream_t stream) {
   const int cc = device_cc(device);

@@ -77,11 +77,11 @@ __device__ __forceinline__ void load_tile_async(Elem* smem, const Elem* gmem, in
   }
 }
 
-// load_tile_async for gathered rows: tile row r comes from global row idx[slot0 + r] while
-// slot0 + r < count, and is zero-filled past it. The SparseK kernel's selected keys arrive this way.
-template <int kRows, int kDim, int kThreads, typename Elem>
-__device__ __forceinline__ void gather_tile_async(Elem* smem, const Elem* gmem, int64_t row_stride,
-                                                  const int* idx, int slot0, int count) {
+// load_tile_async for gathered rows: tile row r comes from global row row_of(r), zero-filled
+// where row_of gives -1.
+template <int kRows, int kDim, int kThreads, typename Elem, class RowOf>
+__device__ __forceinline__ void gather_rows_async(Elem* smem, const Elem* gmem, int64_t row_stride,
+                                                  RowOf&& row_of) {
   constexpr int kChunksPerRow = kDim / 8;
   constexpr int kRowsPerPass = kThreads / kChunksPerRow;
   static_assert(kThreads % kChunksPerRow == 0 && kRowsPerPass % 8 == 0 &&
@@ -92,10 +92,7 @@ __device__ __forceinline__ void gather_tile_async(Elem* smem, const Elem* gmem, 
   Elem* dst = smem + swizzle<kDim>(r, c);
   int rows[kRows / kRowsPerPass];
 #pragma unroll
-  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
-    const int slot = slot0 + r + i * kRowsPerPass;
-    rows[i] = slot < count ? __ldg(idx + slot) : -1;
-  }
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) rows[i] = row_of(r + i * kRowsPerPass);
 #pragma unroll
   for (int i = 0; i < kRows / kRowsPerPass; ++i) {
     const bool valid = rows[i] >= 0;
@@ -104,6 +101,17 @@ __device__ __forceinline__ void gather_tile_async(Elem* smem, const Elem* gmem, 
         *reinterpret_cast<const cute::uint128_t*>(src),
         *reinterpret_cast<cute::uint128_t*>(dst + i * kRowsPerPass * kDim), valid);
   }
+}
+
+// Gathered rows from a global index list: tile row r is global row idx[slot0 + r] while
+// slot0 + r < count. The SparseK kernels' selected keys arrive this way.
+template <int kRows, int kDim, int kThreads, typename Elem>
+__device__ __forceinline__ void gather_tile_async(Elem* smem, const Elem* gmem, int64_t row_stride,
+                                                  const int* idx, int slot0, int count) {
+  gather_rows_async<kRows, kDim, kThreads>(smem, gmem, row_stride, [&](int r) {
+    const int slot = slot0 + r;
+    return slot < count ? __ldg(idx + slot) : -1;
+  });
 }
 
 __device__ __forceinline__ void cp_async_commit() { cute::cp_async_fence(); }

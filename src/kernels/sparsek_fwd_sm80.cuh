@@ -22,7 +22,7 @@
 
 #include "kernels/dense_fwd_sm80.cuh"
 #include "kernels/sm80_attention_tile.cuh"
-#include "kernels/sparsek_select.cuh"
+#include "kernels/sparsek_layout.cuh"
 
 namespace bsk::kernels {
 

@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "kernels/order_code.cuh"
+#include "kernels/sparsek_layout.cuh"
 
 namespace bsk::kernels::sparsek {
 
@@ -338,10 +339,6 @@ __global__ void __launch_bounds__(64) select_walk_kernel(const SelectParams p,
   }
 }
 
-// Query positions per key list: lists are built once per kListRows positions and shared by the
-// attention blocks inside (fewer list builds; a block filters the few extra keys by its masks).
-constexpr int kListRows = 128;
-
 struct ListParams {
   const int* sorted_j;
   const int* rank;
@@ -353,11 +350,6 @@ struct ListParams {
   int cap;       // min(k, n) + kListRows
   int n, seqlen_q, k, w, tiles;
 };
-
-__host__ __device__ __forceinline__ int candidates_of_row(int t, int seqlen_q, int seqlen_k, int w) {
-  const int i = seqlen_k - seqlen_q + t;  // absolute position
-  return i < 0 ? 0 : max(0, i - w + 1);
-}
 
 // The keys that a block of query rows may select: those beating the first row's threshold among
 // its candidates (exactly k), plus the newer candidates of later rows that beat it too (the

@@ -184,6 +184,42 @@ void sparsek_attention_forward(const Array& q, const Array& k, const Array& v, c
                                  to_stream(stream));
 }
 
+void attention_backward(const Array& q, const Array& k, const Array& v, const Array& out,
+                        const Array& lse, const Array& dout, const Array& dq, const Array& dk,
+                        const Array& dv, bool causal, std::optional<double> softmax_scale,
+                        std::uintptr_t stream) {
+  const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
+                        to = to_view(out, "out"), tl = to_view(lse, "lse"),
+                        tdo = to_view(dout, "dout"), tdq = to_view(dq, "dq"),
+                        tdk = to_view(dk, "dk"), tdv = to_view(dv, "dv");
+  bsk::AttentionParams p;
+  p.causal = causal;
+  p.softmax_scale = softmax_scale;
+  nb::gil_scoped_release release;
+  bsk::attention_backward(tq, tk, tv, to, tl, tdo, tdq, tdk, tdv, p, to_stream(stream));
+}
+
+void sparsek_attention_backward(const Array& q, const Array& k, const Array& v, const Array& u,
+                                const Array& out, const Array& lse, const Array& dout,
+                                const Array& dq, const Array& dk, const Array& dv,
+                                const Array& du, int64_t k_budget, int64_t window,
+                                const std::string& gate, std::optional<double> softmax_scale,
+                                std::uintptr_t stream) {
+  const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
+                        tu = to_view(u, "u"), to = to_view(out, "out"), tl = to_view(lse, "lse"),
+                        tdo = to_view(dout, "dout"), tdq = to_view(dq, "dq"),
+                        tdk = to_view(dk, "dk"), tdv = to_view(dv, "dv"),
+                        tdu = to_view(du, "du");
+  bsk::SparseKParams p;
+  p.k = k_budget;
+  p.w = window;
+  p.gate = to_gate(gate);
+  p.softmax_scale = softmax_scale;
+  nb::gil_scoped_release release;
+  bsk::sparsek_attention_backward(tq, tk, tv, tu, to, tl, tdo, tdq, tdk, tdv, tdu, p,
+                                  to_stream(stream));
+}
+
 double sparsek_gates(const Array& z, int64_t k, const Array& gates) {
   const bsk::TensorView tz = to_view(z, "z"), tg = to_view(gates, "gates");
   const int64_t m = check_vector(tz, "z", bsk::DType::kFloat32);
@@ -445,6 +481,19 @@ NB_MODULE(_C, m) {
         "Dense attention forward into `out` (and `lse` unless None). BSHD q [B,Sq,Hq,D], k/v "
         "[B,Skv,Hkv,D]; causal is bottom-right aligned; softmax_scale None means 1/sqrt(D). CUDA "
         "work is queued on `stream` (a cudaStream_t as int, 0 = legacy default) and not waited for.");
+  m.def("attention_backward", &attention_backward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("out"), nb::arg("lse"), nb::arg("dout"), nb::arg("dq"), nb::arg("dk"),
+        nb::arg("dv"), nb::arg("causal") = false,
+        nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,
+        "Attention backward into dq/dk/dv from dout and the forward's out and lse (CPU: the "
+        "float64 reference; CUDA: deterministic kernels on `stream`).");
+  m.def("sparsek_attention_backward", &sparsek_attention_backward, nb::arg("q"), nb::arg("k"),
+        nb::arg("v"), nb::arg("u"), nb::arg("out"), nb::arg("lse"), nb::arg("dout"),
+        nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("du"), nb::arg("k_budget"),
+        nb::arg("window"), nb::arg("gate") = "key_value",
+        nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,
+        "SparseK attention backward into dq/dk/dv and du (float32, like u) from dout and the "
+        "forward's out and lse; du comes through the soft gates only (0 for gate 'none').");
   m.def("sparsek_attention_forward", &sparsek_attention_forward, nb::arg("q"), nb::arg("k"),
         nb::arg("v"), nb::arg("u"), nb::arg("out"), nb::arg("lse").none(), nb::arg("k_budget"),
         nb::arg("window"), nb::arg("gate") = "key_value",
