@@ -14,9 +14,14 @@ CUDA tensors run the tensor-core kernels (float16/bfloat16, head dim 64 or 128) 
 torch stream; CPU tensors run the C++ reference (float16, bfloat16, float32 or float64). All of
 them trace under ``torch.compile(fullgraph=True)``. Bad arguments raise ``ValueError`` (a bad
 value) or ``TypeError`` (not a tensor, not an int, ...) naming the argument as the caller wrote it;
-requests this build cannot serve raise ``NotImplementedError``. Forward only: inputs that need a
-gradient (``requires_grad`` with grad mode on) raise ``NotImplementedError`` rather than return a
-result that autograd would silently skip.
+requests this build cannot serve raise ``NotImplementedError``.
+
+Training: :func:`attention`, :func:`sdpa`, :func:`sparsek_attention` and :class:`SparseKAttention`
+are differentiable in q, k, v and the scores u (eagerly and under torch.compile); the backward
+runs the GPU kernels on CUDA and the float64 reference on CPU. ``lse`` is returned for reading:
+a loss that depends on it raises ``NotImplementedError`` in the backward. Calls where no input
+needs a gradient skip autograd entirely (they run the ops' autograd-free twins, see
+:mod:`blackwell_sparsek.ops`).
 
 Inputs are used in place (DLPack, zero copy), with one exception: a CUDA q/k/v whose data pointer
 is not 16-byte aligned or whose batch/sequence/head stride is not a multiple of 8 elements (the
@@ -59,6 +64,9 @@ __all__ = [
 
 _attention_fwd = ops.attention_fwd
 _sparsek_fwd = ops.sparsek_fwd
+_attention_fwd_nograd = ops.attention_fwd_nograd
+_sparsek_fwd_nograd = ops.sparsek_fwd_nograd
+_needs_grad = _validate.needs_grad
 
 
 def cuda_archs() -> list:
@@ -84,10 +92,11 @@ def attention(
     Returns ``out`` [B, Sq, Hq, D] (q's dtype, contiguous), or ``(out, lse)`` with lse the float32
     natural-log softmax denominator [B, Hq, Sq] when ``return_lse``.
     """
-    _validate.inputs(("q", q), ("k", k), ("v", v), what="bsk.attention")
+    _validate.inputs(("q", q), ("k", k), ("v", v))
     _validate.boolean(causal, "causal")
     _validate.scale(softmax_scale, "softmax_scale")
-    out, lse = _attention_fwd(q, k, v, causal, softmax_scale)
+    fwd = _attention_fwd if _needs_grad(q, k, v) else _attention_fwd_nograd
+    out, lse = fwd(q, k, v, causal, softmax_scale)
     return (out, lse) if return_lse else out
 
 
@@ -109,7 +118,7 @@ def sdpa(
     ``Sq != Skv``. Unsupported (``ValueError``): ``attn_mask``, ``dropout_p != 0``,
     ``scale <= 0``, and ``Hq != Hkv`` without ``enable_gqa=True`` (as in torch).
     """
-    _validate.inputs(("query", query), ("key", key), ("value", value), what="bsk.sdpa")
+    _validate.inputs(("query", query), ("key", key), ("value", value))
     if attn_mask is not None:
         raise ValueError("bsk: argument 'attn_mask': not supported; use is_causal or None")
     if dropout_p != 0.0:
@@ -142,17 +151,18 @@ _SDPA_NAMES = re.compile(r"argument '(q|k|v|softmax_scale)'")
 
 
 def _sdpa_bshd(q, k, v, is_causal, scale):
+    fwd = _attention_fwd if _needs_grad(q, k, v) else _attention_fwd_nograd
     sq, skv = q.shape[1], k.shape[1]
     if not is_causal or sq == skv:
-        out, _ = _attention_fwd(q, k, v, is_causal, scale)
+        out, _ = fwd(q, k, v, is_causal, scale)
     elif sq < skv:
         # Top-left: row t sees keys j <= t < Sq, so keys from Sq on are never used, and on the
         # first Sq keys top-left and bottom-right alignment coincide.
-        out, _ = _attention_fwd(q, k[:, :sq], v[:, :sq], True, scale)
+        out, _ = fwd(q, k[:, :sq], v[:, :sq], True, scale)
     else:
         # Sq > Skv: rows t < Skv are the square causal problem, later rows see every key.
-        head, _ = _attention_fwd(q[:, :skv], k, v, True, scale)
-        tail, _ = _attention_fwd(q[:, skv:], k, v, False, scale)
+        head, _ = fwd(q[:, :skv], k, v, True, scale)
+        tail, _ = fwd(q[:, skv:], k, v, False, scale)
         out = torch.cat((head, tail), dim=1)
     return out
 
@@ -181,10 +191,11 @@ def sparsek_attention(
     gates "key_value" and "value" also need each (batch, KV head)'s scores to span at most 2^20
     (max - min <= 1048576) when a selection runs; wider spans raise ValueError.
     """
-    _validate.inputs(("q", q), ("k", k), ("v", v), ("u", u), what="bsk.sparsek_attention")
+    _validate.inputs(("q", q), ("k", k), ("v", v), ("u", u))
     _validate.sparsek_params(k_budget, window, gate)
     _validate.scale(softmax_scale, "softmax_scale")
-    out, lse = _sparsek_fwd(q, k, v, u, k_budget, window, gate, softmax_scale)
+    fwd = _sparsek_fwd if _needs_grad(q, k, v, u) else _sparsek_fwd_nograd
+    out, lse = fwd(q, k, v, u, k_budget, window, gate, softmax_scale)
     return (out, lse) if return_lse else out
 
 

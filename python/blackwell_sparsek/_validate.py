@@ -88,18 +88,30 @@ def scale(x, name: str) -> Optional[float]:
     return s
 
 
-def inputs(*named, what: str) -> None:
-    """Each (name, value) is a tensor, and none needs a gradient: there is no backward yet, so
-    refuse to run where autograd would need one instead of returning a result that silently
-    carries no gradient."""
+def inputs(*named) -> None:
+    """Each (name, value) is a tensor."""
     for name, t in named:
         tensor(t, name)
+
+
+def needs_grad(*ts) -> bool:
+    """Whether autograd must record a call on these tensors (the front doors then call the
+    differentiable op, otherwise its cheaper autograd-free twin)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def detached(*named, what: str) -> None:
+    """For functions that are not differentiable (the float64 reference, the decoding cache):
+    refuse inputs that need a gradient instead of returning a result that silently carries
+    none."""
+    inputs(*named)
     if not torch.is_grad_enabled():
         return
     for name, t in named:
         if t.requires_grad:
-            fail(name, f"requires grad, but {what} has no backward yet; call it under "
-                       "torch.no_grad() or pass a detached tensor", NotImplementedError)
+            fail(name, f"requires grad, but {what} is not differentiable; call it under "
+                       "torch.no_grad() or pass a detached tensor",
+                 NotImplementedError)
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -73,7 +73,7 @@ class SparseKCache:
                      score_capacity: Optional[int] = None) -> "SparseKCache":
         """The cache a prefill leaves: k, v [B, L, Hkv, D], u float32 [B, Hkv, L]; ``lengths``
         (int32 [B], optional) gives each sequence's own length (later positions are ignored)."""
-        _validate.inputs(("k", k), ("v", v), ("u", u), what="SparseKCache.from_prefill")
+        _validate.detached(("k", k), ("v", v), ("u", u), what="SparseKCache.from_prefill")
         if k.dim() != 4:
             raise ValueError(f"k: must be a 4-D tensor [B, L, Hkv, D], got shape {tuple(k.shape)}")
         c = cls(k.shape[0], k.shape[2], k.shape[3], k_budget=k_budget, window=window, gate=gate,

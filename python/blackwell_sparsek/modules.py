@@ -83,7 +83,9 @@ class SparseKAttention(nn.Module):
     ``forward(q, k, v, x)``: q [B, S, Hq, D], k/v [B, S, Hkv, D] (BSHD, as
     :func:`blackwell_sparsek.sparsek_attention`), x [B, S, d_model] the layer input the scores
     are read from. The scorer keeps fp32 parameters ``w_score`` [d_model, Hkv] and ``slope``
-    [Hkv] (a learned recency bias). Forward only until the backward pass lands.
+    [Hkv] (a learned recency bias). Differentiable: q, k, v get their gradients from the
+    attention backward, ``w_score`` and ``slope`` theirs through ``du`` (the SPARSEK operator's
+    VJP, docs/SPARSEK_SPEC.md); with gate "none" the selection is hard and ``du`` is zero.
     """
 
     def __init__(self, d_model: int, heads_kv: int, k_budget: int, window: int,

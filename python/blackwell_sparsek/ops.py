@@ -1,4 +1,5 @@
-"""torch.library custom ops ``blackwell_sparsek::attention_fwd`` and ``blackwell_sparsek::sparsek_fwd``.
+"""torch.library custom ops ``blackwell_sparsek::attention_fwd`` and ``blackwell_sparsek::sparsek_fwd``
+(differentiable), their backward ops ``attention_bwd`` / ``sparsek_bwd``, and autograd-free twins.
 
 Why custom ops: the dispatcher picks the CPU or CUDA implementation from the inputs, and the fake
 (meta) implementations let ``torch.compile(fullgraph=True)`` trace through the kernels without
@@ -17,9 +18,19 @@ The one input the ops change: a CUDA q/k/v that breaks the kernels' 16-byte rule
 formed is copied to a fresh contiguous tensor first, so any view torch can produce works. The
 copy costs one read and one write of that tensor.
 
-The ops are forward-only: no autograd formula is registered (an Autograd kernel would cost every
-call several microseconds of Python). The front doors in ``blackwell_sparsek`` refuse inputs that
-need a gradient instead; called directly, the ops give torch's "no autograd kernel" warning.
+Training: ``attention_fwd`` and ``sparsek_fwd`` are differentiable in q, k, v (and u): their
+backward (``torch.library.register_autograd``) calls the ops ``attention_bwd`` / ``sparsek_bwd``,
+which run ``_C.attention_backward`` / ``_C.sparsek_attention_backward`` (GPU kernels on CUDA, the
+float64 reference on CPU) and have fake implementations, so ``torch.compile(fullgraph=True)``
+traces forward and backward. The gradient of ``lse`` is not implemented: a gradient reaching it
+that is not all zeros raises ``NotImplementedError`` when the backward runs (an unused lse costs
+nothing). ``dq``/``dk``/``dv`` have q/k/v's dtype, ``du`` is float32.
+
+A registered autograd kernel is Python and costs every call about 12 µs, grad mode or not. So each
+forward op has a twin without one, ``attention_fwd_nograd`` / ``sparsek_fwd_nograd`` (same
+kernels, same fake implementations), which the front doors in ``blackwell_sparsek`` call when no
+input needs a gradient. Called with inputs that need one, the twins give torch's "no autograd
+kernel" warning and a result without a gradient.
 
 The fake implementations check every shape, dtype and device rule (blackwell_sparsek._validate),
 so torch.compile rejects what eager would, and they refuse plain meta tensors: an op run on meta
@@ -36,16 +47,25 @@ from torch.utils.dlpack import to_dlpack as _dl
 from . import _C
 from . import _validate
 
-__all__ = ["attention_fwd", "sparsek_fwd"]
+__all__ = ["attention_fwd", "sparsek_fwd", "attention_fwd_nograd", "sparsek_fwd_nograd",
+           "attention_bwd", "sparsek_bwd", "backward_available"]
 
 _lib = torch.library.Library("blackwell_sparsek", "DEF")
+_ATTENTION_ARGS = "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale)"
+_SPARSEK_ARGS = ("(Tensor q, Tensor k, Tensor v, Tensor u, int k_budget, int window, str gate,"
+                 " float? softmax_scale)")
+for _name in ("attention_fwd", "attention_fwd_nograd"):
+    _lib.define(_name + _ATTENTION_ARGS + " -> (Tensor out, Tensor lse)")
+for _name in ("sparsek_fwd", "sparsek_fwd_nograd"):
+    _lib.define(_name + _SPARSEK_ARGS + " -> (Tensor out, Tensor lse)")
 _lib.define(
-    "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale)"
-    " -> (Tensor out, Tensor lse)"
+    "attention_bwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout,"
+    " Tensor? dlse, bool causal, float? softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)"
 )
 _lib.define(
-    "sparsek_fwd(Tensor q, Tensor k, Tensor v, Tensor u, int k_budget, int window, str gate,"
-    " float? softmax_scale) -> (Tensor out, Tensor lse)"
+    "sparsek_bwd(Tensor q, Tensor k, Tensor v, Tensor u, Tensor out, Tensor lse, Tensor dout,"
+    " Tensor? dlse, int k_budget, int window, str gate, float? softmax_scale)"
+    " -> (Tensor dq, Tensor dk, Tensor dv, Tensor du)"
 )
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -112,9 +132,10 @@ def _attention_fake(q, k, v, causal, softmax_scale):
     return _outputs(q, k, v)
 
 
-_lib.impl("attention_fwd", _attention_cpu, "CPU")
-_lib.impl("attention_fwd", _attention_cuda, "CUDA")
-torch.library.register_fake("blackwell_sparsek::attention_fwd", _attention_fake, lib=_lib)
+for _name in ("attention_fwd", "attention_fwd_nograd"):
+    _lib.impl(_name, _attention_cpu, "CPU")
+    _lib.impl(_name, _attention_cuda, "CUDA")
+    torch.library.register_fake("blackwell_sparsek::" + _name, _attention_fake, lib=_lib)
 
 
 # ---- sparsek_fwd --------------------------------------------------------------------------------
@@ -153,10 +174,157 @@ def _sparsek_fake(q, k, v, u, k_budget, window, gate, softmax_scale):
     return _outputs(q, k, v)
 
 
-_lib.impl("sparsek_fwd", _sparsek_cpu, "CPU")
-_lib.impl("sparsek_fwd", _sparsek_cuda, "CUDA")
-torch.library.register_fake("blackwell_sparsek::sparsek_fwd", _sparsek_fake, lib=_lib)
+for _name in ("sparsek_fwd", "sparsek_fwd_nograd"):
+    _lib.impl(_name, _sparsek_cpu, "CPU")
+    _lib.impl(_name, _sparsek_cuda, "CUDA")
+    torch.library.register_fake("blackwell_sparsek::" + _name, _sparsek_fake, lib=_lib)
+
+
+# ---- backward -----------------------------------------------------------------------------------
+
+# The backward entry points of this build. Builds before them only have the CPU reference
+# (``*_backward_ref``, same semantics without out/lse/stream): enough on CPU, not on CUDA.
+_HAS_BWD = hasattr(_C, "attention_backward") and hasattr(_C, "sparsek_attention_backward")
+
+
+def backward_available(device) -> bool:
+    """Whether this build can run the backward on ``device`` (a torch.device or its type)."""
+    kind = device if isinstance(device, str) else device.type
+    return kind == "cpu" or (kind == "cuda" and _HAS_BWD)
+
+
+def _refuse_lse_grad(dlse: Optional[torch.Tensor]) -> None:
+    # Checked here, in the op's implementation, so that it also runs inside compiled graphs.
+    if dlse is not None and bool(dlse.any()):
+        raise NotImplementedError(
+            "bsk: the gradient of lse is not implemented; the loss may use out, not lse "
+            "(detach lse, or compute it from out's inputs in PyTorch)"
+        )
+
+
+def _stream(q: torch.Tensor) -> int:
+    if q.is_cuda:
+        if not _HAS_BWD:
+            raise NotImplementedError(
+                "bsk: this build of blackwell_sparsek._C has no CUDA backward "
+                "(_C.attention_backward); reinstall the package from a source tree that has it"
+            )
+        return torch.cuda.current_stream(q.device).cuda_stream
+    return 0
+
+
+def _bwd_inputs(q, k, v, dout):
+    if q.is_cuda:
+        return _kernel_ready(q), _kernel_ready(k), _kernel_ready(v), _kernel_ready(dout)
+    return q, k, v, dout
+
+
+def _grads(q, k, v):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _attention_bwd_impl(q, k, v, out, lse, dout, dlse, causal, softmax_scale):
+    _refuse_lse_grad(dlse)
+    stream = _stream(q)
+    q, k, v, dout = _bwd_inputs(q, k, v, dout.contiguous())
+    dq, dk, dv = _grads(q, k, v)
+    if _HAS_BWD:
+        _C.attention_backward(_dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), _dl(dout),
+                              _dl(dq), _dl(dk), _dl(dv), causal, softmax_scale, stream)
+    else:
+        _C.attention_backward_ref(_dl(q), _dl(k), _dl(v), _dl(dout), _dl(dq), _dl(dk), _dl(dv),
+                                  causal, softmax_scale)
+    return dq, dk, dv
+
+
+def _attention_bwd_fake(q, k, v, out, lse, dout, dlse, causal, softmax_scale):
+    _validate.attention(q, k, v)
+    return _grads(q, k, v)
+
+
+def _sparsek_bwd_impl(q, k, v, u, out, lse, dout, dlse, k_budget, window, gate, softmax_scale):
+    _validate.sparsek_params(k_budget, window, gate)
+    _refuse_lse_grad(dlse)
+    stream = _stream(q)
+    q, k, v, dout = _bwd_inputs(q, k, v, dout.contiguous())
+    dq, dk, dv = _grads(q, k, v)
+    du = torch.empty_like(u, memory_format=torch.contiguous_format)
+    if _HAS_BWD:
+        _C.sparsek_attention_backward(
+            _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse), _dl(dout),
+            _dl(dq), _dl(dk), _dl(dv), _dl(du), k_budget, window, gate, softmax_scale, stream,
+        )
+    else:
+        _C.sparsek_attention_backward_ref(
+            _dl(q), _dl(k), _dl(v), _dl(u), _dl(dout), _dl(dq), _dl(dk), _dl(dv), _dl(du),
+            k_budget, window, gate, softmax_scale,
+        )
+    return dq, dk, dv, du
+
+
+def _sparsek_bwd_fake(q, k, v, u, out, lse, dout, dlse, k_budget, window, gate, softmax_scale):
+    _validate.sparsek_params(k_budget, window, gate)
+    _validate.attention(q, k, v, u=u)
+    return (*_grads(q, k, v), torch.empty_like(u, memory_format=torch.contiguous_format))
+
+
+for _name, _impl, _fake in (("attention_bwd", _attention_bwd_impl, _attention_bwd_fake),
+                            ("sparsek_bwd", _sparsek_bwd_impl, _sparsek_bwd_fake)):
+    _lib.impl(_name, _impl, "CPU")
+    _lib.impl(_name, _impl, "CUDA")
+    torch.library.register_fake("blackwell_sparsek::" + _name, _fake, lib=_lib)
+
 
 #: The op overloads, resolved once (calling an OpOverload skips the packet's overload lookup).
 attention_fwd = torch.ops.blackwell_sparsek.attention_fwd.default
 sparsek_fwd = torch.ops.blackwell_sparsek.sparsek_fwd.default
+attention_fwd_nograd = torch.ops.blackwell_sparsek.attention_fwd_nograd.default
+sparsek_fwd_nograd = torch.ops.blackwell_sparsek.sparsek_fwd_nograd.default
+attention_bwd = torch.ops.blackwell_sparsek.attention_bwd.default
+sparsek_bwd = torch.ops.blackwell_sparsek.sparsek_bwd.default
+
+
+# ---- autograd -----------------------------------------------------------------------------------
+
+
+def _setup_attention(ctx, inputs, output):
+    q, k, v, causal, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (causal, softmax_scale)
+    ctx.set_materialize_grads(False)  # an unused lse (or out) comes back as None
+
+
+def _backward_attention(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_bwd(q, k, v, out, lse, dout, dlse, *ctx.args)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            None, None)
+
+
+def _setup_sparsek(ctx, inputs, output):
+    q, k, v, u, k_budget, window, gate, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, u, out, lse)
+    ctx.args = (k_budget, window, gate, softmax_scale)
+    ctx.set_materialize_grads(False)
+
+
+def _backward_sparsek(ctx, dout, dlse):
+    q, k, v, u, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    grads = sparsek_bwd(q, k, v, u, out, lse, dout, dlse, *ctx.args)
+    need = ctx.needs_input_grad
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None)
+
+
+torch.library.register_autograd("blackwell_sparsek::attention_fwd", _backward_attention,
+                                setup_context=_setup_attention, lib=_lib)
+torch.library.register_autograd("blackwell_sparsek::sparsek_fwd", _backward_sparsek,
+                                setup_context=_setup_sparsek, lib=_lib)

@@ -46,8 +46,8 @@ def attention(
 ):
     """Dense attention in float64 on the CPU; same contract as :func:`blackwell_sparsek.attention`."""
     # The reference detaches its inputs: a gradient asked of it would silently be missing.
-    _validate.inputs(("q", q), ("k", k), ("v", v), what="bsk.reference.attention")
-    out, lse = _ops.attention_fwd(_f64(q), _f64(k), _f64(v), causal, softmax_scale)
+    _validate.detached(("q", q), ("k", k), ("v", v), what="bsk.reference.attention")
+    out, lse = _ops.attention_fwd_nograd(_f64(q), _f64(k), _f64(v), causal, softmax_scale)
     return (out, lse) if return_lse else out
 
 
@@ -64,9 +64,9 @@ def sparsek_attention(
 ):
     """SparseK attention in float64 on the CPU; same contract as
     :func:`blackwell_sparsek.sparsek_attention` (u stays float32)."""
-    _validate.inputs(("q", q), ("k", k), ("v", v), ("u", u),
-                     what="bsk.reference.sparsek_attention")
-    out, lse = _ops.sparsek_fwd(
+    _validate.detached(("q", q), ("k", k), ("v", v), ("u", u),
+                       what="bsk.reference.sparsek_attention")
+    out, lse = _ops.sparsek_fwd_nograd(
         _f64(q), _f64(k), _f64(v), u.detach().to(device="cpu"), k_budget, window, gate,
         softmax_scale,
     )

@@ -29,15 +29,17 @@ def grads_like(q, k, v):
 
 
 def dense_torch(q, k, v, causal, scale):
+    """Dense attention in q's dtype and on q's device (float64 here; test_autograd.py's GPU
+    baseline runs it in float16/bfloat16)."""
     B, Sq, Hq, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
     grp = Hq // Hkv
     kr = k.repeat_interleave(grp, dim=2)
     vr = v.repeat_interleave(grp, dim=2)
     s = torch.einsum("bthd,bjhd->bhtj", q, kr) * scale
-    i = torch.arange(Sq).unsqueeze(1) + (Skv - Sq)
-    j = torch.arange(Skv).unsqueeze(0)
-    mask = (j <= i) if causal else torch.ones(Sq, Skv, dtype=torch.bool)
+    i = torch.arange(Sq, device=q.device).unsqueeze(1) + (Skv - Sq)
+    j = torch.arange(Skv, device=q.device).unsqueeze(0)
+    mask = (j <= i) if causal else torch.ones(Sq, Skv, dtype=torch.bool, device=q.device)
     valid = mask.any(-1, keepdim=True)
     # Rows with no key: softmax over everything, then zeroed, so no NaN enters autograd.
     p = torch.softmax(s.masked_fill(~(mask | ~valid), -math.inf), dim=-1) * valid
