@@ -158,7 +158,8 @@ void check_case(const BwdCase& c) {
     bsk::ref::attention_backward(q.view(), k.view(), v.view(), dout.view(), r.dq.view(),
                                  r.dk.view(), r.dv.view(), p);
   }
-  const double floor = c.dt == DType::kFloat16 ? 4e-3 : 2.5e-2;
+  // Measured on an H100 (2026-11-23): at most 2.3x the rounding error; the floor covers short rows.
+  const double floor = c.dt == DType::kFloat16 ? 1e-3 : 5e-3;
   const char* names[] = {"dq", "dk", "dv", "du"};
   const HostTensor* got[] = {&g.dq, &g.dk, &g.dv, &g.du};
   const HostTensor* want[] = {&r.dq, &r.dk, &r.dv, &r.du};
