@@ -30,14 +30,16 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
                        Stream stream = nullptr);
 
 // Gradients of attention_forward: dq, dk, dv (shaped and typed like q, k, v; dk/dv sum over the
-// query heads of each KV head) from dout (like out), with the forward's out and lse (required).
+// query heads of each KV head) from dout (like out) and, optionally, dlse (the gradient of lse,
+// float32 [B, Hq, Sq]; null for none), with the forward's out and lse (required).
 // CPU tensors run the float64 reference (out and lse are checked, not used). CUDA: the sm_80
 // tensor-core kernels (every GPU of compute capability 8.0 or newer), deterministic (bitwise
 // equal gradients run to run: no float atomics), queued on `stream`.
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                         const TensorView& out, const TensorView& lse, const TensorView& dout,
-                        const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                        const AttentionParams& params, Stream stream = nullptr);
+                        const TensorView* dlse, const TensorView& dq, const TensorView& dk,
+                        const TensorView& dv, const AttentionParams& params,
+                        Stream stream = nullptr);
 
 // Head dims the CUDA kernels are built for.
 bool head_dim_supported(int64_t head_dim);

@@ -55,16 +55,18 @@ void sparsek_cache_attend(const SparseKCache& cache, const TensorView& q, const 
 // [B, Sq, Hq, D]; dk, dv: [B, Skv, Hkv, D]; any float dtype and strides, like the forwards.
 // Every element of every gradient is written (dk/dv summed over the query heads of a group);
 // rows that see no key contribute nothing.
+// dlse: the gradient of the forward's lse, float32 [B, Hq, Sq], or null for none.
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                        const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                        const TensorView& dv, const AttentionParams& params);
+                        const TensorView& dout, const TensorView* dlse, const TensorView& dq,
+                        const TensorView& dk, const TensorView& dv, const AttentionParams& params);
 
 // SparseK backward. The selection S_i is piecewise constant in u (no gradient through it); the
 // gates' gradient reaches u through each row's SPARSEK VJP over all of C_i, summed over rows and
 // the query heads of the group. du: float32 [B, Hkv, Skv]; zero for gate kNone.
 void sparsek_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                                const TensorView& u, const TensorView& dout, const TensorView& dq,
-                                const TensorView& dk, const TensorView& dv, const TensorView& du,
+                                const TensorView& u, const TensorView& dout,
+                                const TensorView* dlse, const TensorView& dq, const TensorView& dk,
+                                const TensorView& dv, const TensorView& du,
                                 const SparseKParams& params);
 
 }  // namespace bsk::ref

@@ -38,15 +38,16 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
                                const SparseKParams& params, Stream stream = nullptr);
 
 // Gradients of sparsek_attention_forward: dq, dk, dv (like q, k, v) and du (float32, like u)
-// from dout, with the forward's out and lse. The selection is piecewise constant in u, so the
+// from dout (and dlse, the gradient of lse, or null), with the forward's out and lse. The selection is piecewise constant in u, so the
 // gradient reaches u only through the soft gates, by the SPARSEK VJP of each row (spec); gate
 // kNone gives du = 0. CPU: the float64 reference. CUDA: the selection is recomputed (one
 // synchronization for the score checks, as in the forward), then deterministic sm_80 kernels
 // on `stream`.
 void sparsek_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& u, const TensorView& out, const TensorView& lse,
-                                const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                                const TensorView& dv, const TensorView& du,
-                                const SparseKParams& params, Stream stream = nullptr);
+                                const TensorView& dout, const TensorView* dlse,
+                                const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                const TensorView& du, const SparseKParams& params,
+                                Stream stream = nullptr);
 
 }  // namespace bsk

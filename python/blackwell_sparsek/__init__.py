@@ -18,8 +18,8 @@ requests this build cannot serve raise ``NotImplementedError``.
 
 Training: :func:`attention`, :func:`sdpa`, :func:`sparsek_attention` and :class:`SparseKAttention`
 are differentiable in q, k, v and the scores u (eagerly and under torch.compile); the backward
-runs the GPU kernels on CUDA and the float64 reference on CPU. ``lse`` is returned for reading:
-a loss that depends on it raises ``NotImplementedError`` in the backward. Calls where no input
+runs the GPU kernels on CUDA and the float64 reference on CPU, including a gradient that
+reaches the returned ``lse``. Calls where no input
 needs a gradient skip autograd entirely (they run the ops' autograd-free twins, see
 :mod:`blackwell_sparsek.ops`).
 

@@ -247,10 +247,6 @@ def _unsupported(query, key, value, dropout, kwargs) -> Optional[str]:
         return "sliding-window attention (sliding_window shorter than the keys)"
     if value.shape[-1] != query.shape[-1]:
         return "value head dim differs from the query head dim"
-    if (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                     or value.requires_grad)
-            and not _bsk.ops.backward_available(query.device)):
-        return "inputs require grad, and this build has no backward pass on " + query.device.type
     return None
 
 

@@ -22,9 +22,8 @@ Training: ``attention_fwd`` and ``sparsek_fwd`` are differentiable in q, k, v (a
 backward (``torch.library.register_autograd``) calls the ops ``attention_bwd`` / ``sparsek_bwd``,
 which run ``_C.attention_backward`` / ``_C.sparsek_attention_backward`` (GPU kernels on CUDA, the
 float64 reference on CPU) and have fake implementations, so ``torch.compile(fullgraph=True)``
-traces forward and backward. The gradient of ``lse`` is not implemented: a gradient reaching it
-that is not all zeros raises ``NotImplementedError`` when the backward runs (an unused lse costs
-nothing). ``dq``/``dk``/``dv`` have q/k/v's dtype, ``du`` is float32.
+traces forward and backward. A gradient reaching ``lse`` is exact too (it enters through
+delta = dO . O - dlse). ``dq``/``dk``/``dv`` have q/k/v's dtype, ``du`` is float32.
 
 A registered autograd kernel is Python and costs every call about 12 µs, grad mode or not. So each
 forward op has a twin without one, ``attention_fwd_nograd`` / ``sparsek_fwd_nograd`` (same
@@ -48,7 +47,7 @@ from . import _C
 from . import _validate
 
 __all__ = ["attention_fwd", "sparsek_fwd", "attention_fwd_nograd", "sparsek_fwd_nograd",
-           "attention_bwd", "sparsek_bwd", "backward_available"]
+           "attention_bwd", "sparsek_bwd"]
 
 _lib = torch.library.Library("blackwell_sparsek", "DEF")
 _ATTENTION_ARGS = "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale)"
@@ -182,35 +181,13 @@ for _name in ("sparsek_fwd", "sparsek_fwd_nograd"):
 
 # ---- backward -----------------------------------------------------------------------------------
 
-# The backward entry points of this build. Builds before them only have the CPU reference
-# (``*_backward_ref``, same semantics without out/lse/stream): enough on CPU, not on CUDA.
-_HAS_BWD = hasattr(_C, "attention_backward") and hasattr(_C, "sparsek_attention_backward")
-
-
-def backward_available(device) -> bool:
-    """Whether this build can run the backward on ``device`` (a torch.device or its type)."""
-    kind = device if isinstance(device, str) else device.type
-    return kind == "cpu" or (kind == "cuda" and _HAS_BWD)
-
-
-def _refuse_lse_grad(dlse: Optional[torch.Tensor]) -> None:
-    # Checked here, in the op's implementation, so that it also runs inside compiled graphs.
-    if dlse is not None and bool(dlse.any()):
-        raise NotImplementedError(
-            "bsk: the gradient of lse is not implemented; the loss may use out, not lse "
-            "(detach lse, or compute it from out's inputs in PyTorch)"
-        )
-
-
 def _stream(q: torch.Tensor) -> int:
-    if q.is_cuda:
-        if not _HAS_BWD:
-            raise NotImplementedError(
-                "bsk: this build of blackwell_sparsek._C has no CUDA backward "
-                "(_C.attention_backward); reinstall the package from a source tree that has it"
-            )
-        return torch.cuda.current_stream(q.device).cuda_stream
-    return 0
+    return torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
+
+
+def _lse_grad(dlse: Optional[torch.Tensor]):
+    # The kernels take dlse as a float32 [B, Hq, Sq] view; None when no gradient reached lse.
+    return None if dlse is None else _dl(dlse.to(torch.float32))
 
 
 def _bwd_inputs(q, k, v, dout):
@@ -226,16 +203,12 @@ def _grads(q, k, v):
 
 
 def _attention_bwd_impl(q, k, v, out, lse, dout, dlse, causal, softmax_scale):
-    _refuse_lse_grad(dlse)
     stream = _stream(q)
     q, k, v, dout = _bwd_inputs(q, k, v, dout.contiguous())
     dq, dk, dv = _grads(q, k, v)
-    if _HAS_BWD:
-        _C.attention_backward(_dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), _dl(dout),
-                              _dl(dq), _dl(dk), _dl(dv), causal, softmax_scale, stream)
-    else:
-        _C.attention_backward_ref(_dl(q), _dl(k), _dl(v), _dl(dout), _dl(dq), _dl(dk), _dl(dv),
-                                  causal, softmax_scale)
+    _C.attention_backward(_dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), _dl(dout),
+                          _dl(dq), _dl(dk), _dl(dv), causal, softmax_scale, stream,
+                          _lse_grad(dlse))
     return dq, dk, dv
 
 
@@ -246,21 +219,15 @@ def _attention_bwd_fake(q, k, v, out, lse, dout, dlse, causal, softmax_scale):
 
 def _sparsek_bwd_impl(q, k, v, u, out, lse, dout, dlse, k_budget, window, gate, softmax_scale):
     _validate.sparsek_params(k_budget, window, gate)
-    _refuse_lse_grad(dlse)
     stream = _stream(q)
     q, k, v, dout = _bwd_inputs(q, k, v, dout.contiguous())
     dq, dk, dv = _grads(q, k, v)
     du = torch.empty_like(u, memory_format=torch.contiguous_format)
-    if _HAS_BWD:
-        _C.sparsek_attention_backward(
-            _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse), _dl(dout),
-            _dl(dq), _dl(dk), _dl(dv), _dl(du), k_budget, window, gate, softmax_scale, stream,
-        )
-    else:
-        _C.sparsek_attention_backward_ref(
-            _dl(q), _dl(k), _dl(v), _dl(u), _dl(dout), _dl(dq), _dl(dk), _dl(dv), _dl(du),
-            k_budget, window, gate, softmax_scale,
-        )
+    _C.sparsek_attention_backward(
+        _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse), _dl(dout),
+        _dl(dq), _dl(dk), _dl(dv), _dl(du), k_budget, window, gate, softmax_scale, stream,
+        _lse_grad(dlse),
+    )
     return dq, dk, dv, du
 
 

@@ -45,25 +45,25 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
 
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                         const TensorView& out, const TensorView& lse, const TensorView& dout,
-                        const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                        const AttentionParams& params, Stream stream) {
+                        const TensorView* dlse, const TensorView& dq, const TensorView& dk,
+                        const TensorView& dv, const AttentionParams& params, Stream stream) {
   const detail::AttnShape s = detail::check_attention_args(q, k, v, out, &lse);
-  detail::check_backward_args(q, k, v, out, lse, dout, dq, dk, dv, nullptr, nullptr);
+  detail::check_backward_args(q, k, v, out, lse, dout, dlse, dq, dk, dv, nullptr, nullptr);
   AttentionParams p = params;
   p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim, q.device);
   if (q.device.type == DeviceType::kCPU) {
-    ref::attention_backward(q, k, v, dout, dq, dk, dv, p);
+    ref::attention_backward(q, k, v, dout, dlse, dq, dk, dv, p);
     return;
   }
   detail::check_cuda_device(q.device, "q");
   detail::DeviceGuard guard(q.device.index);
   detail::check_cuda_pointers(q, k, v, out, &lse);
   for (const auto& [t, name] :
-       {std::pair{&dout, "dout"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
-    detail::check_cuda_pointer(*t, name);
+       {std::pair{&dout, "dout"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}, {dlse, "dlse"}})
+    if (t) detail::check_cuda_pointer(*t, name);
   if (s.batch == 0 || s.heads_q == 0) return;
   detail::attention_bwd_cuda(
-      detail::make_bwd_args(q, k, v, out, lse, dout, dq, dk, dv,
+      detail::make_bwd_args(q, k, v, out, lse, dout, dlse, dq, dk, dv,
                             static_cast<float>(*p.softmax_scale), p.causal),
       q.device.index, stream);
 }
@@ -72,10 +72,15 @@ namespace detail {
 
 AttentionBwdArgs make_bwd_args(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const TensorView& lse,
-                               const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                               const TensorView& dv, float softmax_scale, bool causal) {
+                               const TensorView& dout, const TensorView* dlse,
+                               const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                               float softmax_scale, bool causal) {
   AttentionBwdArgs a{};
   a.attn = make_fwd_args(q, k, v, out, &lse, softmax_scale, causal);
+  if (dlse) {
+    a.dlse = static_cast<const float*>(dlse->data);
+    for (int i = 0; i < 3; ++i) a.dlse_stride[i] = dlse->stride[i];
+  }
   a.dout = dout.data, a.dq = dq.data, a.dk = dk.data, a.dv = dv.data;
   for (int i = 0; i < 3; ++i) {
     a.dout_stride[i] = dout.stride[i];
@@ -88,20 +93,21 @@ AttentionBwdArgs make_bwd_args(const TensorView& q, const TensorView& k, const T
 
 void check_backward_args(const TensorView& q, const TensorView& k, const TensorView& v,
                          const TensorView& out, const TensorView& lse, const TensorView& dout,
-                         const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                         const TensorView* u, const TensorView* du) {
+                         const TensorView* dlse, const TensorView& dq, const TensorView& dk,
+                         const TensorView& dv, const TensorView* u, const TensorView* du) {
   check_like(dout, "dout", out, "out", false);
+  if (dlse) check_like(*dlse, "dlse", lse, "lse", false);
   check_like(dq, "dq", q, "q", true);
   check_like(dk, "dk", k, "k", true);
   check_like(dv, "dv", v, "v", true);
   if (du) check_like(*du, "du", *u, "u", true);
-  const TensorView* inputs[] = {&q, &k, &v, &out, &lse, &dout, u};
-  const char* in_names[] = {"q", "k", "v", "out", "lse", "dout", "u"};
+  const TensorView* inputs[] = {&q, &k, &v, &out, &lse, &dout, u, dlse};
+  const char* in_names[] = {"q", "k", "v", "out", "lse", "dout", "u", "dlse"};
   const TensorView* outputs[] = {&dq, &dk, &dv, du};
   const char* out_names[] = {"dq", "dk", "dv", "du"};
   for (int o = 0; o < 4; ++o) {
     if (!outputs[o]) continue;
-    for (int i = 0; i < 7; ++i)
+    for (int i = 0; i < 8; ++i)
       if (inputs[i]) check_disjoint(*outputs[o], out_names[o], *inputs[i], in_names[i]);
     for (int o2 = 0; o2 < o; ++o2)
       if (outputs[o2]) check_disjoint(*outputs[o], out_names[o], *outputs[o2], out_names[o2]);

@@ -114,18 +114,19 @@ void sparsek_attention_forward(const TensorView& q, const TensorView& k, const T
 
 void sparsek_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                                 const TensorView& u, const TensorView& out, const TensorView& lse,
-                                const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                                const TensorView& dv, const TensorView& du,
-                                const SparseKParams& params, Stream stream) {
+                                const TensorView& dout, const TensorView* dlse,
+                                const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                const TensorView& du, const SparseKParams& params,
+                                Stream stream) {
   const detail::AttnShape s = detail::check_attention_args(q, k, v, out, &lse);
   check_sparsek_args(s, q, u, params);
-  detail::check_backward_args(q, k, v, out, lse, dout, dq, dk, dv, &u, &du);
+  detail::check_backward_args(q, k, v, out, lse, dout, dlse, dq, dk, dv, &u, &du);
 
   SparseKParams p = params;
   p.softmax_scale = detail::resolve_softmax_scale(params.softmax_scale, s.head_dim, q.device);
   if (q.device.type == DeviceType::kCPU) {
     check_scores_finite_cpu(u);
-    ref::sparsek_attention_backward(q, k, v, u, dout, dq, dk, dv, du, p);
+    ref::sparsek_attention_backward(q, k, v, u, dout, dlse, dq, dk, dv, du, p);
     return;
   }
   check_sparsek_cuda_limits(s, params);
@@ -133,11 +134,11 @@ void sparsek_attention_backward(const TensorView& q, const TensorView& k, const 
   detail::DeviceGuard guard(q.device.index);
   detail::check_cuda_pointers(q, k, v, out, &lse);
   for (const auto& [t, name] : {std::pair{&u, "u"}, {&dout, "dout"}, {&dq, "dq"}, {&dk, "dk"},
-                                {&dv, "dv"}, {&du, "du"}})
-    detail::check_cuda_pointer(*t, name);
+                                {&dv, "dv"}, {&du, "du"}, {dlse, "dlse"}})
+    if (t) detail::check_cuda_pointer(*t, name);
   if (s.batch == 0 || s.heads_q == 0) return;
   detail::AttentionBwdArgs a = detail::make_bwd_args(
-      q, k, v, out, lse, dout, dq, dk, dv, static_cast<float>(*p.softmax_scale), true);
+      q, k, v, out, lse, dout, dlse, dq, dk, dv, static_cast<float>(*p.softmax_scale), true);
   a.sparse = true;
   a.u = static_cast<const float*>(u.data);
   a.du = static_cast<float*>(du.data);

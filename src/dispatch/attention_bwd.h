@@ -13,6 +13,8 @@ namespace bsk::detail {
 struct AttentionBwdArgs {
   DenseFwdArgs attn;  // q, k, v, out, lse (required), sizes, scale, causal
   const void* dout;
+  const float* dlse;  // [B, Hq, Sq] or null
+  int64_t dlse_stride[3];
   void* dq;
   void* dk;
   void* dv;
@@ -29,15 +31,16 @@ struct AttentionBwdArgs {
 // Pointers and strides of validated views (the SparseK fields are left for the caller).
 AttentionBwdArgs make_bwd_args(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& out, const TensorView& lse,
-                               const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                               const TensorView& dv, float softmax_scale, bool causal);
+                               const TensorView& dout, const TensorView* dlse,
+                               const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                               float softmax_scale, bool causal);
 
 // dout like out, dq/dk/dv like q/k/v (and du like u for SparseK): shapes, dtypes, devices, layout;
 // no gradient aliasing an input or another gradient.
 void check_backward_args(const TensorView& q, const TensorView& k, const TensorView& v,
                          const TensorView& out, const TensorView& lse, const TensorView& dout,
-                         const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                         const TensorView* u, const TensorView* du);
+                         const TensorView* dlse, const TensorView& dq, const TensorView& dk,
+                         const TensorView& dv, const TensorView* u, const TensorView* du);
 
 // Dense or SparseK backward on `stream` (SparseK: one synchronization, for the score checks).
 // Deterministic: no float atomics.

@@ -137,7 +137,8 @@ void run(const AttentionBwdArgs& a, cudaStream_t stream) {
   if (rows > 0) {
     bw::delta_kernel<Elem><<<grid_for(rows * 32, 256), 256, 0, stream>>>(
         static_cast<const Elem*>(d.out), d.out_stride[0], d.out_stride[1], d.out_stride[2],
-        p.dout, p.do_sb, p.do_ss, p.do_sh, d.batch, d.heads_q, d.seqlen_q, d.head_dim, ws.at<float>(o_delta));
+        p.dout, p.do_sb, p.do_ss, p.do_sh, a.dlse, a.dlse_stride[0], a.dlse_stride[1],
+        a.dlse_stride[2], d.batch, d.heads_q, d.seqlen_q, d.head_dim, ws.at<float>(o_delta));
     BSK_CUDA_CHECK_LAUNCH();
   }
 

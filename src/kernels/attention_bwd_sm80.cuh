@@ -1,6 +1,6 @@
 // Attention backward (dense and SparseK, docs/SPARSEK_SPEC.md) on sm_80+ tensor cores.
 //
-// Per attended pair (row i, key j), with the forward's lse and delta_i = dO_i . O_i:
+// Per attended pair (row i, key j), with the forward's lse and delta_i = dO_i . O_i - dlse_i:
 //   s = q_i.k_j, l = a s scale, P = exp(l - lse_i), dp = dO_i.v_j,
 //   dl = P (c dp - delta_i), dv_j += P c dO_i, ds = dl a scale, dq_i += ds k_j, dk_j += ds q_i,
 // where a / c are the logit / value weights of the gate mode (1 for dense and window keys), and
@@ -75,10 +75,13 @@ struct BwdParams {
   float* du_key;       // [B*Hkv, Skv], or null
 };
 
-// dO . O per query row, one warp per row (rows in (b, h, t) order of delta).
+// delta = dO . O - dlse per query row, one warp per row (rows in (b, h, t) order of delta): the
+// gradient of lse enters every dl_ij = P_ij (c dp_ij - delta_i) through delta alone, because
+// d lse_i / d l_ij = P_ij.
 template <typename Elem>
 __global__ void delta_kernel(const Elem* out, int64_t o_sb, int64_t o_ss, int64_t o_sh,
                              const Elem* dout, int64_t do_sb, int64_t do_ss, int64_t do_sh,
+                             const float* dlse, int64_t dl_sb, int64_t dl_sh, int64_t dl_ss,
                              int batch, int heads, int seqlen, int head_dim, float* delta) {
   const int64_t rows = static_cast<int64_t>(batch) * heads * seqlen;
   const int lane = threadIdx.x % 32;
@@ -94,7 +97,7 @@ __global__ void delta_kernel(const Elem* out, int64_t o_sb, int64_t o_ss, int64_
       acc += static_cast<float>(o[d]) * static_cast<float>(g[d]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) delta[r] = acc;
+    if (lane == 0) delta[r] = dlse ? acc - dlse[b * dl_sb + h * dl_sh + t * dl_ss] : acc;
   }
 }
 
@@ -262,6 +265,11 @@ struct DkDvSmem {
                                 2 * Cfg::kBlockN * 4 * sizeof(float);
 };
 
+struct KeySpan {
+  int lo, hi, gate, flo, fhi;
+  float u;
+};
+
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     dk_dv_kernel(const __grid_constant__ BwdParams<typename Cfg::Elem> p) {
@@ -278,6 +286,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   Elem* const sDo0 = sQ0 + 2 * BR * D;  // [2][BR * D]
   float* const sRow = reinterpret_cast<float*>(sDo0 + 2 * BR * D);  // [2][4][BR]
   __shared__ int sJ[BK];
+  __shared__ KeySpan sSpan[BK];
   __shared__ int range_lo, range_hi;
 
   const int seg = blockIdx.y, b = seg / p.heads_kv, hk = seg % p.heads_kv;
@@ -309,22 +318,27 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   sm80::gather_rows_async<BK, D, kThreads>(sV, vg, p.v_ss, [&](int r) { return sJ[r]; });
   sm80::cp_async_commit();
 
-  // This thread's two key slots (accumulator rows g and g + 8 of its warp's 16).
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int kj[2], kend[2], ksel[2], kfa[2], kfb[2];
-  float ku[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int c = warp * 16 + lane / 4 + 8 * r;
+  // Each key slot as row intervals in absolute positions: attended [lo, hi), gated from `gate`
+  // on, fractional (and selected) [flo, fhi). Kept in shared memory and read per step: held in
+  // registers across the matrix products they made the kernel spill.
+  for (int c = threadIdx.x; c < BK; c += kThreads) {
     const int j = sJ[c];
-    kj[r] = j;
-    kend[r] = j >= 0 ? (p.key_end ? p.key_end[key0 + j] : n) : INT_MIN;
-    ksel[r] = j >= 0 && p.sel_end ? p.sel_end[key0 + j] : INT_MIN;
-    const int2 f = j >= 0 && p.frac ? p.frac[key0 + j] : make_int2(0, 0);
-    kfa[r] = f.x, kfb[r] = f.y;
-    ku[r] = j >= 0 && p.u ? p.u[b * p.u_sb + hk * p.u_sh + j * p.u_sj] : 0.f;
-    if (j < 0) kj[r] = INT_MAX / 2;  // attends nothing: j <= i fails
+    KeySpan ks{INT_MAX, INT_MIN, INT_MAX, 0, 0, 0.f};  // an empty slot attends nothing
+    if (j >= 0) {
+      ks.lo = p.causal ? j : INT_MIN;
+      ks.hi = p.causal ? (p.key_end ? p.key_end[key0 + j] : n) : n;
+      ks.gate = p.causal && p.window < n ? j + p.window : INT_MAX;
+      if (p.frac) {
+        const int2 f = p.frac[key0 + j];
+        ks.flo = max(f.x, ks.gate);
+        ks.fhi = min(f.y, p.sel_end[key0 + j]);
+      }
+      ks.u = p.u ? p.u[b * p.u_sb + hk * p.u_sh + j * p.u_sj] : 0.f;
+    }
+    sSpan[c] = ks;
   }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const bool soft = p.frac != nullptr;
 
   constexpr float kLog2e = 1.4426950408889634f;
   // Loads step s (head hk * group + s / row_blocks, rows t_lo + (s % row_blocks) * BR) into
@@ -378,30 +392,56 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     typename Tile::SAcc sc, dp;
     Tile::qk(sc, no_frag, sK, sQ);   // S^T: keys x rows
     Tile::qk(dp, no_frag, sV, sDo);  // dP^T
+    // Rows [i0, i0 + BR) of this step: when every pair of the warp is attended and ungated (the
+    // window's interior, all of dense attention), the masks and gates are skipped.
+    const int i0 = t0 + diag;
+    KeySpan ks[2];
 #pragma unroll
-    for (int nt = 0; nt < BR / 8; ++nt)
+    for (int r = 0; r < 2; ++r) ks[r] = sSpan[warp * 16 + lane / 4 + 8 * r];
+    const bool plain = __all_sync(0xffffffffu, ks[0].lo <= i0 && ks[1].lo <= i0 &&
+                                                   i0 + BR <= min(ks[0].hi, ks[1].hi) &&
+                                                   i0 + BR <= min(ks[0].gate, ks[1].gate) &&
+                                                   i0 + BR <= p.seqlen_k);
+    if (plain) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, col = Tile::col_of(nt, e);
-        const int t = t0 + col, i = t + diag;
-        const bool attend = t < p.seqlen_q && (!p.causal || (kj[r] <= i && i < kend[r]));
-        float x = sc[0][nt][e], pc = 0.f, ds = 0.f;
-        if (attend) {
-          const bool gated = i >= kj[r] + p.window;
-          const float gv = gated ? __saturatef((ku[r] - rows[2 * BR + col]) - rows[3 * BR + col])
-                                 : 1.f;
-          const float a = logit_gate && gated ? gv : 1.f;
-          const float c = value_gate && gated ? gv : 1.f;
-          const float pr = sm80::fast_exp2(x * a * p.scale_log2 - rows[col]);
-          const float dl = pr * (c * dp[0][nt][e] - rows[BR + col]);
-          pc = pr * c;
-          ds = dl * a * p.scale;
-          if (gated && i < ksel[r] && kfa[r] <= i && i < kfb[r])
-            du_acc[r] += (logit_gate ? dl * x * p.scale : 0.f) + pr * dp[0][nt][e];
+      for (int nt = 0; nt < BR / 8; ++nt) {
+        // Columns 2 tq and 2 tq + 1 of the n-tile: one 8-byte load per row quantity.
+        const int col = Tile::col_of(nt, 0);
+        const float2 l2 = *reinterpret_cast<const float2*>(rows + col);
+        const float2 dl2 = *reinterpret_cast<const float2*>(rows + BR + col);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pr = sm80::fast_exp2(sc[0][nt][e] * p.scale_log2 - ((e & 1) ? l2.y : l2.x));
+          sc[0][nt][e] = pr * (dp[0][nt][e] - ((e & 1) ? dl2.y : dl2.x)) * p.scale;
+          dp[0][nt][e] = pr;
         }
-        sc[0][nt][e] = ds;
-        dp[0][nt][e] = pc;
       }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < BR / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, col = Tile::col_of(nt, e);
+          const int i = t0 + col + diag;
+          const float x = sc[0][nt][e];
+          float pc = 0.f, ds = 0.f;
+          if (ks[r].lo <= i && i < ks[r].hi && i < p.seqlen_k) {
+            const bool gated = i >= ks[r].gate;
+            const float gv =
+                gated ? __saturatef((ks[r].u - rows[2 * BR + col]) - rows[3 * BR + col]) : 1.f;
+            const float a = logit_gate && gated ? gv : 1.f;
+            const float c = value_gate && gated ? gv : 1.f;
+            const float pr = sm80::fast_exp2(x * a * p.scale_log2 - rows[col]);
+            const float dl = pr * (c * dp[0][nt][e] - rows[BR + col]);
+            pc = pr * c;
+            ds = dl * a * p.scale;
+            if (soft && ks[r].flo <= i && i < ks[r].fhi)
+              du_acc[r] += (logit_gate ? dl * x * p.scale : 0.f) + pr * dp[0][nt][e];
+          }
+          sc[0][nt][e] = ds;
+          dp[0][nt][e] = pc;
+        }
+    }
     Tile::pv(dv, dp, sDo);
     Tile::pv(dk, sc, sQ);
   }
@@ -435,9 +475,8 @@ struct DqSmem {
   using Elem = typename Cfg::Elem;
   static constexpr int kBytes = 2 * Cfg::kBlockM * Cfg::kHeadDim * sizeof(Elem) +
                                 4 * Cfg::kBlockN * Cfg::kHeadDim * sizeof(Elem) +
-                                2 * Cfg::kBlockN * (sizeof(unsigned long long) + sizeof(float) +
-                                                    sizeof(int2) + sizeof(int)) +
-                                Cfg::kBlockM * 6 * sizeof(float);
+                                2 * Cfg::kBlockN * (2 * sizeof(int2) + sizeof(float)) +
+                                Cfg::kBlockM * 4 * sizeof(float);
 };
 
 template <class Cfg>
@@ -455,16 +494,16 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   Elem* const sDo = sQ + BM * D;
   Elem* const sK0 = sDo + BM * D;
   Elem* const sV0 = sK0 + 2 * BN * D;
-  auto* const sKey = reinterpret_cast<unsigned long long*>(sV0 + 2 * BN * D);  // [2][BN]
-  float* const sU = reinterpret_cast<float*>(sKey + 2 * BN);                  // [2][BN]
-  int2* const sFrac = reinterpret_cast<int2*>(sU + 2 * BN);                   // [2][BN]
-  int* const sSel = reinterpret_cast<int*>(sFrac + 2 * BN);                   // [2][BN]
-  // Per position: lse (log2 units, per head: [heads][positions]), delta (same), thr, tau.
-  float* const sLse = reinterpret_cast<float*>(sSel + 2 * BN);
+  // Per column of a selected block: the rows selecting it [j + w, e_j), its fractional
+  // (and selected) rows, its score.
+  int2* const sSpan = reinterpret_cast<int2*>(sV0 + 2 * BN * D);  // [2][BN]
+  int2* const sFrac = sSpan + 2 * BN;                              // [2][BN]
+  float* const sU = reinterpret_cast<float*>(sFrac + 2 * BN);     // [2][BN]
+  // Per row: lse (log2 units) and delta ([heads][positions]); per position: thr, tau.
+  float* const sLse = sU + 2 * BN;
   float* const sDelta = sLse + BM;
   float* const sThr = sDelta + BM;
   float* const sTau = sThr + BM;
-  unsigned long long* const sThrKey = reinterpret_cast<unsigned long long*>(sTau + BM);  // positions
 
   // Geometry: the forward's (selected list blocks, then the window band); dense runs as a band
   // of every causal key (or every key when not causal).
@@ -510,14 +549,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     if (r < positions) {
       const int m = t + diag - p.window + 1;
       float thr = 0.f, tau = -INFINITY;
-      unsigned long long key = 0ull;
       if (t < p.seqlen_q && p.thr_u != nullptr && m > p.budget) {
         thr = p.thr_u[thr0 + m];
         tau = p.tau_rel[thr0 + m];
-        key = (static_cast<unsigned long long>(sparsek::order_code(thr)) << 32) |
-              uint32_t(p.thr_j[thr0 + m]);
       }
-      sThr[r] = thr, sTau[r] = tau, sThrKey[r] = key;
+      sThr[r] = thr, sTau[r] = tau;
     }
   }
 
@@ -546,12 +582,17 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       }
       for (int c = threadIdx.x; c < BN; c += kThreads) {
         const int j = key_row(nb, c);
-        const float x = j >= 0 ? ug[j * p.u_sj] : 0.f;
-        sKey[st * BN + c] = j >= 0 ? sparsek_key(x, j) : 0xffffffffull;
+        int2 span = make_int2(INT_MAX, INT_MIN), fr = make_int2(0, 0);
+        float x = 0.f;
+        if (j >= 0) {
+          const int64_t e = static_cast<int64_t>(seg) * n + j;
+          x = ug[j * p.u_sj];
+          span = make_int2(j + p.window, p.sel_end[e]);
+          if (p.frac) fr = make_int2(max(p.frac[e].x, span.x), min(p.frac[e].y, span.y));
+        }
+        sSpan[st * BN + c] = span;
+        sFrac[st * BN + c] = fr;
         sU[st * BN + c] = x;
-        sFrac[st * BN + c] = j >= 0 && p.frac ? p.frac[static_cast<int64_t>(seg) * n + j]
-                                              : make_int2(0, 0);
-        sSel[st * BN + c] = j >= 0 && p.sel_end ? p.sel_end[static_cast<int64_t>(seg) * n + j] : 0;
       }
     } else {
       const int n0 = (win_first + nb - sel_blocks) * BN;
@@ -565,7 +606,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   typename Tile::RowStat unused_m, unused_l;
   Tile::init(dq, unused_m, unused_l);
   float dm_acc[MT][2] = {};
-  const bool logit_gate = p.gate == 0, value_gate = p.gate != 2;
+  const bool logit_gate = p.gate == 0;
   const typename Tile::QFrag no_frag{};
 
   if (n_blocks > 0) {
@@ -591,6 +632,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       Tile::qk(dp, no_frag, sDo, sV);
       const bool selected = nb < sel_blocks;
       const int n0 = selected ? 0 : (win_first + nb - sel_blocks) * BN;
+      // A window block inside every row's window (and rows all real) needs no mask.
+      const bool plain = !selected && m0 + positions <= p.seqlen_q && n0 + BN <= n &&
+                         (!p.causal || (n0 + BN - 1 <= i_first && n0 > i_last - p.window));
+      const bool soft = p.frac != nullptr;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -598,38 +643,43 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           const int row = Tile::row_of(mt, e), pos = row % positions;
           const int t = m0 + pos, i = t + diag;
           const float l2 = sLse[row], dlt = sDelta[row];
-          const unsigned long long thr_key = sThrKey[pos];
           const float thr = sThr[pos], tau = sTau[pos];
-          const int m = max(0, i - p.window + 1);
+          const bool row_ok = t < p.seqlen_q;
 #pragma unroll
           for (int nt = 0; nt < BN / 8; ++nt) {
             const int col = Tile::col_of(nt, e);
-            float x = sc[mt][nt][e], ds = 0.f;
-            bool attend;
-            float a = 1.f, c = 1.f;
-            bool frac = false;
-            if (selected) {
-              const unsigned long long key = sKey[st * BN + col];
-              const uint32_t j = static_cast<uint32_t>(key);
-              attend = t < p.seqlen_q && !(key < thr_key || j >= static_cast<uint32_t>(m));
-              if (attend) {
-                const float gv = __saturatef((sU[st * BN + col] - thr) - tau);
-                a = logit_gate ? gv : 1.f;
-                c = value_gate ? gv : 1.f;
-                const int2 f = sFrac[st * BN + col];
-                frac = f.x <= i && i < f.y && i < sSel[st * BN + col];
+            const float x = sc[mt][nt][e];
+            float ds;
+            if (plain) {
+              const float pr = sm80::fast_exp2(x * p.scale_log2 - l2);
+              ds = pr * (dp[mt][nt][e] - dlt) * p.scale;
+            } else if (selected) {
+              const int2 span = sSpan[st * BN + col];
+              ds = 0.f;
+              if (row_ok && span.x <= i && i < span.y) {
+                float a = 1.f, c = 1.f;
+                if (p.gate != 2) {
+                  const float gv = __saturatef((sU[st * BN + col] - thr) - tau);
+                  a = logit_gate ? gv : 1.f;
+                  c = gv;
+                }
+                const float pr = sm80::fast_exp2(x * a * p.scale_log2 - l2);
+                const float dl = pr * (c * dp[mt][nt][e] - dlt);
+                ds = dl * a * p.scale;
+                if (soft) {
+                  const int2 f = sFrac[st * BN + col];
+                  if (f.x <= i && i < f.y)
+                    dm_acc[mt][e >> 1] +=
+                        (logit_gate ? dl * x * p.scale : 0.f) + pr * dp[mt][nt][e];
+                }
               }
             } else {
               const int j = n0 + col;
-              attend = t < p.seqlen_q && j < n &&
-                       (!p.causal || (j <= i && j > i - p.window));
-            }
-            if (attend) {
-              const float pr = sm80::fast_exp2(x * a * p.scale_log2 - l2);
-              const float dl = pr * (c * dp[mt][nt][e] - dlt);
-              ds = dl * a * p.scale;
-              if (frac)
-                dm_acc[mt][e >> 1] += (logit_gate ? dl * x * p.scale : 0.f) + pr * dp[mt][nt][e];
+              ds = 0.f;
+              if (row_ok && j < n && (!p.causal || (j <= i && j > i - p.window))) {
+                const float pr = sm80::fast_exp2(x * p.scale_log2 - l2);
+                ds = pr * (dp[mt][nt][e] - dlt) * p.scale;
+              }
             }
             sc[mt][nt][e] = ds;
           }

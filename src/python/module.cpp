@@ -187,16 +187,19 @@ void sparsek_attention_forward(const Array& q, const Array& k, const Array& v, c
 void attention_backward(const Array& q, const Array& k, const Array& v, const Array& out,
                         const Array& lse, const Array& dout, const Array& dq, const Array& dk,
                         const Array& dv, bool causal, std::optional<double> softmax_scale,
-                        std::uintptr_t stream) {
+                        std::uintptr_t stream, const Array& dlse) {
   const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
                         to = to_view(out, "out"), tl = to_view(lse, "lse"),
                         tdo = to_view(dout, "dout"), tdq = to_view(dq, "dq"),
                         tdk = to_view(dk, "dk"), tdv = to_view(dv, "dv");
+  bsk::TensorView tdl;
+  if (dlse.is_valid()) tdl = to_view(dlse, "dlse");
   bsk::AttentionParams p;
   p.causal = causal;
   p.softmax_scale = softmax_scale;
   nb::gil_scoped_release release;
-  bsk::attention_backward(tq, tk, tv, to, tl, tdo, tdq, tdk, tdv, p, to_stream(stream));
+  bsk::attention_backward(tq, tk, tv, to, tl, tdo, dlse.is_valid() ? &tdl : nullptr, tdq, tdk,
+                          tdv, p, to_stream(stream));
 }
 
 void sparsek_attention_backward(const Array& q, const Array& k, const Array& v, const Array& u,
@@ -204,7 +207,7 @@ void sparsek_attention_backward(const Array& q, const Array& k, const Array& v, 
                                 const Array& dq, const Array& dk, const Array& dv,
                                 const Array& du, int64_t k_budget, int64_t window,
                                 const std::string& gate, std::optional<double> softmax_scale,
-                                std::uintptr_t stream) {
+                                std::uintptr_t stream, const Array& dlse) {
   const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
                         tu = to_view(u, "u"), to = to_view(out, "out"), tl = to_view(lse, "lse"),
                         tdo = to_view(dout, "dout"), tdq = to_view(dq, "dq"),
@@ -215,9 +218,11 @@ void sparsek_attention_backward(const Array& q, const Array& k, const Array& v, 
   p.w = window;
   p.gate = to_gate(gate);
   p.softmax_scale = softmax_scale;
+  bsk::TensorView tdl;
+  if (dlse.is_valid()) tdl = to_view(dlse, "dlse");
   nb::gil_scoped_release release;
-  bsk::sparsek_attention_backward(tq, tk, tv, tu, to, tl, tdo, tdq, tdk, tdv, tdu, p,
-                                  to_stream(stream));
+  bsk::sparsek_attention_backward(tq, tk, tv, tu, to, tl, tdo, dlse.is_valid() ? &tdl : nullptr,
+                                  tdq, tdk, tdv, tdu, p, to_stream(stream));
 }
 
 double sparsek_gates(const Array& z, int64_t k, const Array& gates) {
@@ -333,7 +338,7 @@ void attention_backward_ref(const Array& q, const Array& k, const Array& v, cons
   p.causal = causal;
   p.softmax_scale = bsk::detail::resolve_softmax_scale(softmax_scale, s.head_dim, tq.device);
   nb::gil_scoped_release release;
-  bsk::ref::attention_backward(tq, tk, tv, tdo, tdq, tdk, tdv, p);
+  bsk::ref::attention_backward(tq, tk, tv, tdo, nullptr, tdq, tdk, tdv, p);
 }
 
 void sparsek_attention_backward_ref(const Array& q, const Array& k, const Array& v,
@@ -367,7 +372,7 @@ void sparsek_attention_backward_ref(const Array& q, const Array& k, const Array&
   p.gate = to_gate(gate);
   p.softmax_scale = bsk::detail::resolve_softmax_scale(softmax_scale, s.head_dim, tq.device);
   nb::gil_scoped_release release;
-  bsk::ref::sparsek_attention_backward(tq, tk, tv, tu, tdo, tdq, tdk, tdv, tdu, p);
+  bsk::ref::sparsek_attention_backward(tq, tk, tv, tu, tdo, nullptr, tdq, tdk, tdv, tdu, p);
 }
 
 // The SparseK decoding cache's state tensors, translated once: append/attend then translate only
@@ -485,15 +490,19 @@ NB_MODULE(_C, m) {
         nb::arg("out"), nb::arg("lse"), nb::arg("dout"), nb::arg("dq"), nb::arg("dk"),
         nb::arg("dv"), nb::arg("causal") = false,
         nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,
-        "Attention backward into dq/dk/dv from dout and the forward's out and lse (CPU: the "
-        "float64 reference; CUDA: deterministic kernels on `stream`).");
+        nb::arg("dlse").none() = nb::none(),
+        "Attention backward into dq/dk/dv from dout (and dlse, the gradient of lse, or None) and "
+        "the forward's out and lse (CPU: the float64 reference; CUDA: deterministic kernels on "
+        "`stream`).");
   m.def("sparsek_attention_backward", &sparsek_attention_backward, nb::arg("q"), nb::arg("k"),
         nb::arg("v"), nb::arg("u"), nb::arg("out"), nb::arg("lse"), nb::arg("dout"),
         nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("du"), nb::arg("k_budget"),
         nb::arg("window"), nb::arg("gate") = "key_value",
         nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,
-        "SparseK attention backward into dq/dk/dv and du (float32, like u) from dout and the "
-        "forward's out and lse; du comes through the soft gates only (0 for gate 'none').");
+        nb::arg("dlse").none() = nb::none(),
+        "SparseK attention backward into dq/dk/dv and du (float32, like u) from dout (and dlse, "
+        "or None) and the forward's out and lse; du comes through the soft gates only (0 for "
+        "gate 'none').");
   m.def("sparsek_attention_forward", &sparsek_attention_forward, nb::arg("q"), nb::arg("k"),
         nb::arg("v"), nb::arg("u"), nb::arg("out"), nb::arg("lse").none(), nb::arg("k_budget"),
         nb::arg("window"), nb::arg("gate") = "key_value",

@@ -4,8 +4,9 @@
 // to a list of keys, each with a logit weight a_p (logit a_p * s_p) and a value weight c_p; dense
 // attention is the case a = c = 1.
 //
-// Per row, with P = softmax(l), o = sum_p P_p c_p v_p and delta = dO . o:
-//   dv_p += P_p c_p dO,  dl_p = P_p (c_p (dO . v_p) - delta),
+// Per row, with P = softmax(l), o = sum_p P_p c_p v_p, delta = dO . o and dlse the gradient of
+// the row's lse (d lse / d l_p = P_p):
+//   dv_p += P_p c_p dO,  dl_p = P_p (c_p (dO . v_p) - delta + dlse),
 //   dq += scale * a_p dl_p k_p,  dk_p += scale * a_p dl_p q,
 // and the gradient w.r.t. the gates is dl_p s_p through the logit and P_p (dO . v_p) through the
 // value weight. The SparseK selection is piecewise constant, so no gradient flows through which
@@ -41,7 +42,8 @@ struct RowScratch {
 // ([Skv][D] of the row's KV head). When dgate is not null, dgate[p] receives the gradient w.r.t.
 // the gate of key p as the caller's gate mode defines it: logit_gated / value_gated say whether
 // a_p / c_p are that gate.
-void row_backward(const double* qr, const double* dor, const int64_t* keys, const double* a,
+void row_backward(const double* qr, const double* dor, double dlse, const int64_t* keys,
+                  const double* a,
                   const double* c, int64_t n, const double* kbuf, const double* vbuf, int64_t D,
                   double scale, double* dq_row, double* dk, double* dv, bool logit_gated,
                   bool value_gated, double* dgate, RowScratch& rs) {
@@ -67,7 +69,7 @@ void row_backward(const double* qr, const double* dor, const int64_t* keys, cons
   for (int64_t p = 0; p < n; ++p) {
     const int64_t j = keys[p];
     const double pc = rs.p[p] * c[p];
-    const double dl = rs.p[p] * (c[p] * rs.dov[p] - delta);
+    const double dl = rs.p[p] * (c[p] * rs.dov[p] - delta + dlse);
     const double ds = scale * a[p] * dl;
     const double* kr = kbuf + j * D;
     double* dkr = dk + j * D;
@@ -86,6 +88,13 @@ void row_backward(const double* qr, const double* dor, const int64_t* keys, cons
   }
 }
 
+// The gradient of lse[b, h, t] (0 without one).
+double lse_grad(const TensorView* dlse, int64_t b, int64_t h, int64_t t) {
+  if (dlse == nullptr) return 0.0;
+  return detail::load_as_double(dlse->data, dlse->dtype,
+                                b * dlse->stride[0] + h * dlse->stride[1] + t * dlse->stride[2]);
+}
+
 void store_head_rows(const TensorView& t, int64_t b, int64_t h, int64_t S, int64_t D,
                      const double* src) {
   for (int64_t s = 0; s < S; ++s) {
@@ -98,8 +107,9 @@ void store_head_rows(const TensorView& t, int64_t b, int64_t h, int64_t S, int64
 }  // namespace
 
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                        const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                        const TensorView& dv, const AttentionParams& params) {
+                        const TensorView& dout, const TensorView* dlse, const TensorView& dq,
+                        const TensorView& dk, const TensorView& dv,
+                        const AttentionParams& params) {
   const int64_t B = q.shape[0], Sq = q.shape[1], Hq = q.shape[2], D = q.shape[3];
   const int64_t Skv = k.shape[1], Hkv = k.shape[2];
   assert(q.ndim == 4 && k.ndim == 4 && v.ndim == 4 && dout.ndim == 4);
@@ -130,7 +140,8 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
           const int64_t i = Skv - Sq + t;  // absolute position, bottom-right aligned
           const int64_t n = params.causal ? std::clamp<int64_t>(i + 1, 0, Skv) : Skv;
           if (n == 0) continue;  // no key: output 0 whatever the inputs, so no gradient
-          row_backward(qbuf.data() + t * D, dobuf.data() + t * D, keys.data(), ones.data(),
+          row_backward(qbuf.data() + t * D, dobuf.data() + t * D, lse_grad(dlse, b, h, t),
+                       keys.data(), ones.data(),
                        ones.data(), n, kbuf.data(), vbuf.data(), D, scale, dqb.data() + t * D,
                        dkb.data(), dvb.data(), false, false, nullptr, rs);
         }
@@ -143,8 +154,9 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 }
 
 void sparsek_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                                const TensorView& u, const TensorView& dout, const TensorView& dq,
-                                const TensorView& dk, const TensorView& dv, const TensorView& du,
+                                const TensorView& u, const TensorView& dout,
+                                const TensorView* dlse, const TensorView& dq, const TensorView& dk,
+                                const TensorView& dv, const TensorView& du,
                                 const SparseKParams& params) {
   const int64_t B = q.shape[0], Sq = q.shape[1], Hq = q.shape[2], D = q.shape[3];
   const int64_t Skv = k.shape[1], Hkv = k.shape[2];
@@ -225,7 +237,8 @@ void sparsek_attention_backward(const TensorView& q, const TensorView& k, const 
         if (soft) std::fill_n(gm.begin(), m, 0.0);
         for (int64_t r = 0; r < group; ++r) {
           const int64_t row = r * Sq + t;
-          row_backward(qbuf.data() + row * D, dobuf.data() + row * D, keys.data(), aw.data(),
+          row_backward(qbuf.data() + row * D, dobuf.data() + row * D,
+                       lse_grad(dlse, b, g * group + r, t), keys.data(), aw.data(),
                        cw.data(), n, kbuf.data(), vbuf.data(), D, scale, dqb.data() + row * D,
                        dkb.data(), dvb.data(), logit_gated, value_gated,
                        soft ? dgate.data() : nullptr, rs);

@@ -26,6 +26,7 @@ struct BwdCase {
   int scores;  // 0 normal, 1 ties, 2 flat, 3 recency ramp
   DType dt;
   bool bhsd = false;
+  bool dlse = false;  // also a gradient of lse
 };
 
 void PrintTo(const BwdCase& c, std::ostream* os) { *os << c.name; }
@@ -60,13 +61,14 @@ struct Grads {
 };
 
 void run_backward(const BwdCase& c, HostTensor& q, HostTensor& k, HostTensor& v, HostTensor& u,
-                  HostTensor& out, HostTensor& lse, HostTensor& dout, Grads& g) {
-  DeviceBuffer bq, bk, bv, bu, bo, bl, bdo, bdq, bdk, bdv, bdu;
+                  HostTensor& out, HostTensor& lse, HostTensor& dout, HostTensor& dlse, Grads& g) {
+  DeviceBuffer bq, bk, bv, bu, bo, bl, bdo, bdl, bdq, bdk, bdv, bdu;
   ASSERT_NO_FATAL_FAILURE(upload(bq, q));
   ASSERT_NO_FATAL_FAILURE(upload(bk, k));
   ASSERT_NO_FATAL_FAILURE(upload(bv, v));
   ASSERT_NO_FATAL_FAILURE(upload(bu, u));
   ASSERT_NO_FATAL_FAILURE(upload(bdo, dout));
+  ASSERT_NO_FATAL_FAILURE(upload(bdl, dlse));
   ASSERT_NO_FATAL_FAILURE(alloc(bo, out.bytes()));
   ASSERT_NO_FATAL_FAILURE(alloc(bl, lse.bytes()));
   for (const auto& pr : {std::pair{&g.dq, &bdq}, {&g.dk, &bdk}, {&g.dv, &bdv}, {&g.du, &bdu}}) {
@@ -75,20 +77,22 @@ void run_backward(const BwdCase& c, HostTensor& q, HostTensor& k, HostTensor& v,
   }
   const TensorView vq = device_view(q, bq), vk = device_view(k, bk), vv = device_view(v, bv),
                    vu = device_view(u, bu), vo = device_view(out, bo), vl = device_view(lse, bl),
-                   vdo = device_view(dout, bdo);
+                   vdo = device_view(dout, bdo), vdl = device_view(dlse, bdl);
   try {
     if (c.sparse) {
       bsk::SparseKParams p;
       p.k = c.k, p.w = c.w, p.gate = c.gate;
       bsk::sparsek_attention_forward(vq, vk, vv, vu, vo, &vl, p);
-      bsk::sparsek_attention_backward(vq, vk, vv, vu, vo, vl, vdo, device_view(g.dq, bdq),
+      bsk::sparsek_attention_backward(vq, vk, vv, vu, vo, vl, vdo, c.dlse ? &vdl : nullptr,
+                                      device_view(g.dq, bdq),
                                       device_view(g.dk, bdk), device_view(g.dv, bdv),
                                       device_view(g.du, bdu), p);
     } else {
       bsk::AttentionParams p;
       p.causal = c.causal;
       bsk::attention_forward(vq, vk, vv, vo, &vl, p);
-      bsk::attention_backward(vq, vk, vv, vo, vl, vdo, device_view(g.dq, bdq),
+      bsk::attention_backward(vq, vk, vv, vo, vl, vdo, c.dlse ? &vdl : nullptr,
+                              device_view(g.dq, bdq),
                               device_view(g.dk, bdk), device_view(g.dv, bdv), p);
     }
   } catch (const std::exception& e) {
@@ -99,7 +103,9 @@ void run_backward(const BwdCase& c, HostTensor& q, HostTensor& k, HostTensor& v,
   ASSERT_NO_FATAL_FAILURE(download(g.dq, bdq));
   ASSERT_NO_FATAL_FAILURE(download(g.dk, bdk));
   ASSERT_NO_FATAL_FAILURE(download(g.dv, bdv));
-  if (c.sparse) ASSERT_NO_FATAL_FAILURE(download(g.du, bdu));
+  if (c.sparse) {
+    ASSERT_NO_FATAL_FAILURE(download(g.du, bdu));
+  }
 }
 
 int64_t bit_diffs(const HostTensor& a, const HostTensor& b) {
@@ -120,6 +126,8 @@ void check_case(const BwdCase& c) {
   std::mt19937_64 rng(std::hash<std::string>{}(c.name));
   HostTensor q = make_t(c, c.Sq, c.Hq), k = make_t(c, c.Skv, c.Hkv), v = make_t(c, c.Skv, c.Hkv);
   HostTensor u(DType::kFloat32, {c.B, c.Hkv, c.Skv}), dout = make_t(c, c.Sq, c.Hq);
+  HostTensor dlse(DType::kFloat32, {c.B, c.Hq, c.Sq});
+  dlse.fill_normal(rng);
   q.fill_normal(rng);
   k.fill_normal(rng);
   v.fill_normal(rng);
@@ -138,24 +146,26 @@ void check_case(const BwdCase& c) {
                  HostTensor(DType::kFloat32, {c.B, c.Hkv, c.Skv})};
   };
   Grads g = grads();
-  ASSERT_NO_FATAL_FAILURE(run_backward(c, q, k, v, u, out, lse, dout, g));
+  ASSERT_NO_FATAL_FAILURE(run_backward(c, q, k, v, u, out, lse, dout, dlse, g));
 
   Grads r{HostTensor(DType::kFloat64, {c.B, c.Sq, c.Hq, c.D}),
           HostTensor(DType::kFloat64, {c.B, c.Skv, c.Hkv, c.D}),
           HostTensor(DType::kFloat64, {c.B, c.Skv, c.Hkv, c.D}),
           HostTensor(DType::kFloat64, {c.B, c.Hkv, c.Skv})};
+  const TensorView rdl = dlse.view();
   const double scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.D)));
   if (c.sparse) {
     bsk::SparseKParams p;
     p.k = c.k, p.w = c.w, p.gate = c.gate, p.softmax_scale = scale;
     HostTensor r32(DType::kFloat32, {c.B, c.Hkv, c.Skv});
     bsk::ref::sparsek_attention_backward(q.view(), k.view(), v.view(), u.view(), dout.view(),
-                                         r.dq.view(), r.dk.view(), r.dv.view(), r32.view(), p);
+                                         c.dlse ? &rdl : nullptr, r.dq.view(), r.dk.view(), r.dv.view(), r32.view(), p);
     for_each_index(r32.shape, [&](const Index& i) { r.du.set(i, r32.get(i)); });
   } else {
     bsk::AttentionParams p;
     p.causal = c.causal, p.softmax_scale = scale;
-    bsk::ref::attention_backward(q.view(), k.view(), v.view(), dout.view(), r.dq.view(),
+    bsk::ref::attention_backward(q.view(), k.view(), v.view(), dout.view(),
+                                 c.dlse ? &rdl : nullptr, r.dq.view(),
                                  r.dk.view(), r.dv.view(), p);
   }
   // Measured on an H100 (2026-11-23): at most 2.3x the rounding error; the floor covers short rows.
@@ -174,11 +184,13 @@ void check_case(const BwdCase& c) {
   }
 
   Grads g2 = grads();
-  ASSERT_NO_FATAL_FAILURE(run_backward(c, q, k, v, u, out, lse, dout, g2));
+  ASSERT_NO_FATAL_FAILURE(run_backward(c, q, k, v, u, out, lse, dout, dlse, g2));
   EXPECT_EQ(bit_diffs(g.dq, g2.dq), 0) << "dq not bitwise reproducible";
   EXPECT_EQ(bit_diffs(g.dk, g2.dk), 0) << "dk not bitwise reproducible";
   EXPECT_EQ(bit_diffs(g.dv, g2.dv), 0) << "dv not bitwise reproducible";
-  if (c.sparse) EXPECT_EQ(bit_diffs(g.du, g2.du), 0) << "du not bitwise reproducible";
+  if (c.sparse) {
+    EXPECT_EQ(bit_diffs(g.du, g2.du), 0) << "du not bitwise reproducible";
+  }
 }
 
 class BackwardGpuTest : public ::testing::TestWithParam<BwdCase> {};
@@ -205,6 +217,7 @@ const BwdCase kCases[] = {
     {"Dense_SqGtSkv_fp16", 1, 150, 60, 2, 1, 128, false, true, 0, 0, kNone, 0, kF16},
     {"Dense_SqNeSkv_full_fp16", 1, 90, 250, 2, 2, 64, false, false, 0, 0, kNone, 0, kF16},
     {"Dense_BHSD_bf16", 2, 130, 130, 4, 2, 64, false, true, 0, 0, kNone, 0, kBF16, true},
+    {"Dense_dlse_fp16", 1, 200, 260, 4, 2, 128, false, true, 0, 0, kNone, 0, kF16, false, true},
     // SparseK
     {"SK_Basic_kv_fp16", 1, 300, 300, 4, 2, 64, true, true, 32, 16, kKV, 0, kF16},
     {"SK_Basic_value_bf16", 1, 300, 300, 4, 2, 128, true, true, 32, 16, kV, 0, kBF16},
@@ -225,6 +238,8 @@ const BwdCase kCases[] = {
     {"SK_MQA_value_fp16", 1, 180, 180, 8, 1, 64, true, true, 24, 16, kV, 1, kF16},
     {"SK_BHSD_kv_fp16", 2, 260, 260, 4, 2, 64, true, true, 30, 20, kKV, 0, kF16, true},
     {"SK_Long_kv_bf16", 1, 2500, 2500, 8, 2, 128, true, true, 384, 200, kKV, 0, kBF16},
+    {"SK_dlse_kv_bf16", 1, 700, 700, 4, 2, 64, true, true, 40, 20, kKV, 0, kBF16, false, true},
+    {"SK_dlse_value_fp16", 1, 300, 300, 2, 2, 128, true, true, 32, 16, kV, 3, kF16, false, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, BackwardGpuTest, ::testing::ValuesIn(kCases),
@@ -249,18 +264,18 @@ TEST(BackwardGpuErrors, WrongGradShapeAndDtype) {
   bsk::AttentionParams p;
   expect_invalid([&] {
     bsk::attention_backward(device_view(q, bq), device_view(k, bk), device_view(v, bv),
-                            device_view(o, bo), device_view(l, bl), device_view(g, bg),
+                            device_view(o, bo), device_view(l, bl), device_view(g, bg), nullptr,
                             device_view(bad_shape, bs), device_view(dk, bdk),
                             device_view(dv, bdv), p);
   }, "dq", "must have the shape of q");
   expect_invalid([&] {
     bsk::attention_backward(device_view(q, bq), device_view(k, bk), device_view(v, bv),
-                            device_view(o, bo), device_view(l, bl), device_view(bad_dtype, bd),
+                            device_view(o, bo), device_view(l, bl), device_view(bad_dtype, bd), nullptr,
                             device_view(dq, bdq), device_view(dk, bdk), device_view(dv, bdv), p);
   }, "dout", "must have the dtype of out");
   expect_invalid([&] {  // aliasing an input
     bsk::attention_backward(device_view(q, bq), device_view(k, bk), device_view(v, bv),
-                            device_view(o, bo), device_view(l, bl), device_view(g, bg),
+                            device_view(o, bo), device_view(l, bl), device_view(g, bg), nullptr,
                             device_view(dq, bdq), device_view(k, bk), device_view(dv, bdv), p);
   }, "dk", "overlaps");
 }

@@ -3,7 +3,7 @@ differentiable in q, k, v and u, eagerly and under torch.compile.
 
 CPU: gradcheck in float64; gradients against torch autograd of the spec implementations of
 test_backward_ref.py; the module's scorer parameters train; torch.compile(fullgraph=True) of a
-forward + backward; the lse gradient is refused, not dropped.
+forward + backward; a gradient through the returned lse.
 
 CUDA (skipped without a GPU): the GPU gradients against the CPU float64 reference. Criterion, as in
 test_gpu.py: the max abs error of each GPU gradient must be at most twice that of torch autograd
@@ -43,7 +43,7 @@ def seeded(*key):
 # ---- a whole-matrix torch implementation of SparseK (the GPU baseline) ---------------------------
 
 
-def sparsek_math(q, k, v, u, kb, w, gate, scale=None):
+def sparsek_math(q, k, v, u, kb, w, gate, scale=None, return_lse=False):
     """SparseK attention from docs/SPARSEK_SPEC.md with whole-matrix torch ops, differentiable in
     q, k, v and u: the matmuls and softmax run in q's dtype on q's device, the gates through
     :func:`blackwell_sparsek.sparsek_gates` (the spec's SPARSEK VJP). sparsek_torch (one row at a
@@ -79,10 +79,12 @@ def sparsek_math(q, k, v, u, kb, w, gate, scale=None):
     logits = torch.where(sel_h, m_h * s, s) if gate == "key_value" else s
     visible = win | sel_h
     valid = visible.any(-1, keepdim=True)
-    p = torch.softmax(logits.masked_fill(~(visible | ~valid), -math.inf), dim=-1) * valid
+    masked = logits.masked_fill(~(visible | ~valid), -math.inf)
+    p = torch.softmax(masked, dim=-1) * valid
     if gate != "none":
         p = torch.where(sel_h, p * m_h, p)
-    return torch.einsum("bhtj,bjhd->bthd", p, v.repeat_interleave(grp, dim=2))
+    out = torch.einsum("bhtj,bjhd->bthd", p, v.repeat_interleave(grp, dim=2))
+    return (out, torch.logsumexp(masked, dim=-1)) if return_lse else out
 
 
 def scores_f64(kind, B, Hkv, S, gen):
@@ -249,22 +251,37 @@ def test_sdpa_grads_match_spec():
 # ---- lse, no-grad path -------------------------------------------------------------------------
 
 
-def test_lse_gradient_is_refused_not_dropped():
-    gen = seeded("lse")
-    q, k, v = leaves(rand((1, 5, 2, 4), gen), rand((1, 5, 2, 4), gen), rand((1, 5, 2, 4), gen))
-    u = torch.zeros(1, 2, 5)
-    for fn in (lambda: bsk.attention(q, k, v, causal=True, return_lse=True),
-               lambda: bsk.sparsek_attention(q, k, v, u, 2, 1, return_lse=True)):
-        out, lse = fn()
-        with pytest.raises(NotImplementedError, match="gradient of lse"):
-            (out.sum() + lse.sum()).backward()
-        out, lse = fn()
-        with pytest.raises(NotImplementedError, match="gradient of lse"):
-            lse.sum().backward()
-        out, lse = fn()  # an all-zero lse gradient, or an unused lse, is fine
-        (out.sum() + 0.0 * lse.sum()).backward()
-        out, lse = fn()
-        out.sum().backward()
+@pytest.mark.parametrize("op", ["dense", "dense_causal", "key_value", "value", "none"])
+def test_lse_gradient(op):
+    # L = <dO, out> + <dlse, lse>: the lse term enters the backward through delta alone.
+    gen = seeded("lse", op)
+    B, Sq, Skv, Hq, Hkv, D, kk, w = 1, 9, 12, 4, 2, 8, 3, 2
+    q, k, v, do = (rand(s, gen) for s in ((B, Sq, Hq, D), (B, Skv, Hkv, D), (B, Skv, Hkv, D),
+                                           (B, Sq, Hq, D)))
+    dl = torch.randn(B, Hq, Sq, generator=gen, dtype=torch.float64)
+    u = scores_f64("normal", B, Hkv, Skv, gen).float()  # the op takes float32 scores
+    a, b = leaves(q, k, v, u), leaves(q, k, v, u.double())
+    if op.startswith("dense"):
+        causal = op == "dense_causal"
+        out, lse = bsk.attention(*a[:3], causal=causal, return_lse=True)
+        s = torch.einsum("bthd,bjhd->bhtj", b[0], b[1].repeat_interleave(Hq // Hkv, dim=2))
+        s = s / math.sqrt(D)
+        if causal:
+            i = torch.arange(Sq)[:, None] + (Skv - Sq)
+            s = s.masked_fill(torch.arange(Skv)[None, :] > i, -math.inf)
+        want = torch.einsum("bhtj,bjhd->bthd", torch.softmax(s, -1),
+                            b[2].repeat_interleave(Hq // Hkv, dim=2))
+        want_lse = torch.logsumexp(s, -1)
+    else:
+        out, lse = bsk.sparsek_attention(*a, kk, w, gate=op, return_lse=True)
+        want, want_lse = sparsek_math(*b, kk, w, op, return_lse=True)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=1e-6)
+    ((out * do).sum() + (lse * dl).sum()).backward()
+    ((want * do).sum() + (want_lse * dl).sum()).backward()
+    for x, y in zip(a, b):
+        gx = torch.zeros_like(x) if x.grad is None else x.grad
+        gy = torch.zeros_like(y) if y.grad is None else y.grad
+        torch.testing.assert_close(gx.double(), gy.double(), rtol=1e-5, atol=1e-6)
 
 
 def test_no_grad_calls_skip_autograd():
@@ -273,11 +290,6 @@ def test_no_grad_calls_skip_autograd():
         assert bsk.attention(q, k, v).grad_fn is None
     out = bsk.attention(q.detach(), k.detach(), v.detach())
     assert out.grad_fn is None and not out.requires_grad
-
-
-def test_backward_available():
-    assert ops.backward_available(torch.device("cpu")) and ops.backward_available("cpu")
-    assert ops.backward_available("cuda") == ops._HAS_BWD
 
 
 def test_opcheck_backward_ops():
@@ -381,15 +393,17 @@ def test_compiled_module_training_step():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
-def test_compiled_lse_gradient_is_refused():
+def test_compiled_lse_gradient():
     q, k, v = leaves(*(rand((1, 4, 1, 8), seeded("c", i)).float() for i in range(3)))
+    qe, ke, ve = leaves(q, k, v)
     fn = torch.compile(lambda a, b, c: bsk.attention(a, b, c, return_lse=True), fullgraph=True,
                        backend="aot_eager")
     out, lse = fn(q, k, v)
-    out.sum().backward()  # lse returned but unused: its gradient is zero
-    out, lse = fn(q, k, v)
-    with pytest.raises(NotImplementedError, match="gradient of lse"):
-        lse.sum().backward()
+    (out.sum() + 2.0 * lse.sum()).backward()
+    oute, lsee = bsk.attention(qe, ke, ve, return_lse=True)
+    (oute.sum() + 2.0 * lsee.sum()).backward()
+    for x, y in zip((q, k, v), (qe, ke, ve)):
+        torch.testing.assert_close(x.grad, y.grad)
 
 
 # ---- CUDA: GPU gradients against the float64 CPU reference ----------------------------------------
