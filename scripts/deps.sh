@@ -24,6 +24,7 @@ if [ "${BSK_WITH_TEST_DEPS:-0}" = 1 ]; then
   missing pytest && need+=(pytest==9.2.0)
   missing hypothesis && need+=(hypothesis==6.170.15)
   missing transformers && need+=(transformers==5.17.0)
+  missing matplotlib && need+=(matplotlib==3.11.2)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: installing ${need[*]}"
