@@ -227,7 +227,7 @@ def train(args, vocab: Vocab, k_budget: int, device, attn_dtype, label: str) -> 
               f"({curve['seconds'][-1]:.0f} s)", flush=True)
         return acc
 
-    evaluate(0, float("nan"))
+    evaluate(0, float("nan"))  # before training: no loss yet (printed as nan)
     running = None
     for step in range(1, args.steps + 1):
         tokens, pos, answer, mask = make_batch(vocab, args.batch, train_len(args, step), reach,
