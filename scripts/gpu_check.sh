@@ -68,4 +68,4 @@ grep -h -E "passed|failed|tests passed|SKIPPED" "$logs/test.log" | tail -n 4 | t
 for md in "$OUT"/bench/*.md; do [ -f "$md" ] && grep -E '^\|' "$md"; done
 tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$logs"
 # One archive for the benchmark files: the device returns at most 8 files per call.
-[ -d "$OUT/bench" ] && tar -C "$OUT" -czf "$OUT/bench.tar.gz" bench && rm -rf "$OUT/bench"
+if [ -d "$OUT/bench" ]; then tar -C "$OUT" -czf "$OUT/bench.tar.gz" bench && rm -rf "$OUT/bench"; fi
