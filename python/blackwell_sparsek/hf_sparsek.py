@@ -50,6 +50,7 @@ except ImportError as _e:
 
 import blackwell_sparsek as _bsk
 from . import _validate
+from .modules import paper_scores
 
 __all__ = ["NAME", "SparseKScorer", "SparseKGenerationCache", "attention_forward",
            "convert_to_sparsek", "mask_interface", "register"]
@@ -81,9 +82,7 @@ class SparseKScorer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden], positions [B or 1, S] -> u float32 [B, Hkv, S] (contiguous)."""
-        u = (x.float() @ self.w_score.float()).transpose(1, 2)
-        u = u + self.slope.float()[None, :, None] * positions.float()[:, None, :]
-        return u.contiguous()
+        return paper_scores(x, self.w_score, self.slope, positions).contiguous()
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.w_score.shape[0]}, heads_kv={self.w_score.shape[1]}"

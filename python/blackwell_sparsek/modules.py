@@ -77,6 +77,15 @@ def sparsek_gates(z: torch.Tensor, k: int) -> torch.Tensor:
     return _SparseKGates.apply(z, k)
 
 
+def paper_scores(x: torch.Tensor, w_score: torch.Tensor, slope: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """The paper's scorer ``u = x @ w_score + slope * position`` in float32: x [B, S, Dmodel],
+    w_score [Dmodel, Hkv], slope [Hkv], positions [B or 1, S] -> u [B, Hkv, S] (a view; callers
+    that hand it to the kernels make it contiguous)."""
+    u = (x.float() @ w_score.float()).transpose(1, 2)        # [B, Hkv, S]
+    return u + slope.float()[None, :, None] * positions.float()[:, None, :]
+
+
 class SparseKAttention(nn.Module):
     """SparseK attention with the paper's scorer ``u = x @ w_score + slope * position``.
 
@@ -98,10 +107,9 @@ class SparseKAttention(nn.Module):
         self.slope = nn.Parameter(torch.full((heads_kv,), float(slope_init)))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """u: float32 [B, Hkv, S]."""
-        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
-        u = x.float() @ self.w_score.float()                   # [B, S, Hkv]
-        return u.transpose(1, 2) + self.slope.float()[:, None] * pos
+        """u: float32 [B, Hkv, S], positions 0 .. S-1."""
+        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)[None]
+        return paper_scores(x, self.w_score, self.slope, pos)
 
     def forward(self, q, k, v, x, return_lse: bool = False):
         from . import sparsek_attention
