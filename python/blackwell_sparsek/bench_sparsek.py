@@ -116,6 +116,33 @@ def check_small():
                 ok=bool(err <= 2 * err_round + 8e-3))
 
 
+def time_peers(S, calls, fl, rows):
+    """Times every call of `calls` ({peer: fn}) at length S and appends one row per peer (its
+    median, or the error it raised; fl: the FLOPs a call does). Returns {peer: median ms}."""
+    res = {}
+    for name, fn in calls.items():
+        try:
+            t = time_calls([fn])
+        except Exception as exc:  # reported, not hidden
+            rows.append(dict(S=S, peer=name, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        res[name] = t["median_ms"]
+        rows.append(dict(S=S, peer=name, median_ms=t["median_ms"], reps=t["reps"],
+                         tflops_sparse=fl / t["median_ms"] / 1e9))
+        print(f"  {name}: {t['median_ms']:.2f} ms", file=sys.stderr, flush=True)
+    return res
+
+
+def annotate_ours(S, rows, res, **extra):
+    """Adds `extra` and the speedups over the timed peers to our row at length S."""
+    for r in rows:
+        if r["S"] == S and r["peer"] == "ours":
+            r.update(extra)
+            for p in ("sdpa-cudnn", "flex"):
+                if p in res and "ours" in res:
+                    r[f"speedup_vs_{p}"] = res[p] / res["ours"]
+
+
 def run(lengths, peers):
     import blackwell_sparsek as bsk
     rows = []
@@ -130,28 +157,11 @@ def run(lengths, peers):
                 calls["flex"] = flex_call(q, k, v, u)
             except Exception as exc:  # reported, not hidden
                 rows.append(dict(S=S, peer="flex", error=f"{type(exc).__name__}: {exc}"))
-        fl = flops(S)
-        res = {}
-        for name, fn in calls.items():
-            try:
-                t = time_calls([fn])
-            except Exception as exc:
-                rows.append(dict(S=S, peer=name, error=f"{type(exc).__name__}: {exc}"))
-                continue
-            res[name] = t["median_ms"]
-            rows.append(dict(S=S, peer=name, median_ms=t["median_ms"], reps=t["reps"],
-                             tflops_sparse=fl / t["median_ms"] / 1e9))
+        res = time_peers(S, calls, flops(S), rows)
         sel_us, tot_us, per = selection_share(calls["ours"])
         print(f"  kernels (us): {per}", file=sys.stderr, flush=True)
-        for r in rows:
-            if r["S"] == S and r["peer"] == "ours":
-                r["selection_us"] = sel_us
-                r["kernels_us"] = tot_us
-                r["selection_share"] = sel_us / tot_us if tot_us else None
-                r["kernels"] = per
-                for p in ("sdpa-cudnn", "flex"):
-                    if p in res:
-                        r[f"speedup_vs_{p}"] = res[p] / res["ours"]
+        annotate_ours(S, rows, res, selection_us=sel_us, kernels_us=tot_us,
+                      selection_share=sel_us / tot_us if tot_us else None, kernels=per)
         del q, k, v, u, calls
         torch.cuda.empty_cache()
     return rows

@@ -19,8 +19,9 @@ import sys
 
 import torch
 
-from .bench import capture_env, env_line, gpu_warmup, rel_err, save_suite, time_calls
-from .bench_sparsek import B, D, HKV, HQ, K, W, cudnn_call, flex_call, flops, inputs, selection_share
+from .bench import capture_env, env_line, gpu_warmup, rel_err, save_suite
+from .bench_sparsek import (K, W, annotate_ours, cudnn_call, flex_call, flops, inputs,
+                            selection_share, time_peers)
 
 
 def step(fwd, leaves, dout):
@@ -71,28 +72,12 @@ def run(lengths, peers):
                 calls["flex"] = step(flex_call(q, k, v, u.detach()), leaves, dout_t)
             except Exception as exc:
                 rows.append(dict(S=S, peer="flex", error=f"{type(exc).__name__}: {exc}"))
-        fl = flops(S) * 3.5  # forward + backward (2.5x the forward's matrix products)
-        res = {}
-        for name, fn in calls.items():
-            try:
-                t = time_calls([fn])
-            except Exception as exc:
-                rows.append(dict(S=S, peer=name, error=f"{type(exc).__name__}: {exc}"))
-                continue
-            res[name] = t["median_ms"]
-            rows.append(dict(S=S, peer=name, median_ms=t["median_ms"], reps=t["reps"],
-                             tflops_sparse=fl / t["median_ms"] / 1e9))
-            print(f"  {name}: {t['median_ms']:.2f} ms", file=sys.stderr, flush=True)
+        # forward + backward: 3.5x the forward's matrix products
+        res = time_peers(S, calls, flops(S) * 3.5, rows)
         if "ours" in res:
             _, tot_us, per = selection_share(calls["ours"])
             print(f"  kernels (us): {per}", file=sys.stderr, flush=True)
-            for r in rows:
-                if r["S"] == S and r["peer"] == "ours":
-                    r["kernels_us"] = tot_us
-                    r["kernels"] = per
-                    for p in ("sdpa-cudnn", "flex"):
-                        if p in res:
-                            r[f"speedup_vs_{p}"] = res[p] / res["ours"]
+            annotate_ours(S, rows, res, kernels_us=tot_us, kernels=per)
         del q, k, v, u, calls, leaves, dout, dout_t
         torch.cuda.empty_cache()
     return rows

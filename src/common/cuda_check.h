@@ -2,6 +2,8 @@
 // bsk::CudaError naming the call, never a silently wrong result.
 #pragma once
 
+#include <cstdint>
+
 #include <cuda_runtime_api.h>
 
 namespace bsk::detail {
@@ -26,6 +28,12 @@ int device_cc(int device);
 
 // Number of SMs of `device` (cached per device: launches size their grids by it every call).
 int device_sm_count(int device);
+
+// Blocks for a grid-stride loop over n items: at least 1, at most 65535.
+inline int grid_1d(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
+}
 
 }  // namespace bsk::detail
 

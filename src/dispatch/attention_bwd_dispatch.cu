@@ -26,10 +26,6 @@ using DqConfig = kernels::DenseFwdConfig<Elem, D, 128, D == 64 ? 64 : 32, 4, fal
 template <typename Elem, int D>
 using DkDvConfig = kernels::DenseFwdConfig<Elem, D, bw::kGroupKeys, 64, 4, false, 2>;
 
-int grid_for(int64_t n, int threads) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 65535)));
-}
-
 int bits_for(int64_t x) {  // bits to hold 0..x
   int b = 1;
   while ((int64_t{1} << b) <= x) ++b;
@@ -135,7 +131,7 @@ void run(const AttentionBwdArgs& a, cudaStream_t stream) {
   p.heads = a.sparse ? (group % 4 == 0 ? 4 : (group % 2 == 0 ? 2 : 1)) : 1;
 
   if (rows > 0) {
-    bw::delta_kernel<Elem><<<grid_for(rows * 32, 256), 256, 0, stream>>>(
+    bw::delta_kernel<Elem><<<grid_1d(rows * 32, 256), 256, 0, stream>>>(
         static_cast<const Elem*>(d.out), d.out_stride[0], d.out_stride[1], d.out_stride[2],
         p.dout, p.do_sb, p.do_ss, p.do_sh, a.dlse, a.dlse_stride[0], a.dlse_stride[1],
         a.dlse_stride[2], d.batch, d.heads_q, d.seqlen_q, d.head_dim, ws.at<float>(o_delta));
@@ -176,12 +172,12 @@ void run(const AttentionBwdArgs& a, cudaStream_t stream) {
       pp.sort_key = ws.at<unsigned long long>(o_kin);
       pp.bits_j = bits_j, pp.bits_bucket = bits_bucket;
       pp.segments = nseg;
-      bw::plan_kernel<<<grid_for(keys, 256), 256, 0, stream>>>(pp);
+      bw::plan_kernel<<<grid_1d(keys, 256), 256, 0, stream>>>(pp);
       BSK_CUDA_CHECK_LAUNCH();
       BSK_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(
           ws.at<void>(o_cub), cub_bytes, ws.at<unsigned long long>(o_kin),
           ws.at<unsigned long long>(o_kout), static_cast<int>(keys), 0, end_bit, stream));
-      bw::perm_kernel<<<grid_for(keys, 256), 256, 0, stream>>>(
+      bw::perm_kernel<<<grid_1d(keys, 256), 256, 0, stream>>>(
           ws.at<unsigned long long>(o_kout), keys, bits_j, ws.at<int>(o_perm));
       BSK_CUDA_CHECK_LAUNCH();
     }
@@ -201,7 +197,7 @@ void run(const AttentionBwdArgs& a, cudaStream_t stream) {
           ws.at<int>(o_diff), p.dm_row, n, d.seqlen_q, d.heads_kv, group, ws.at<double>(o_pre));
       BSK_CUDA_CHECK_LAUNCH();
     }
-    bw::du_finish_kernel<<<grid_for(keys, 256), 256, 0, stream>>>(
+    bw::du_finish_kernel<<<grid_1d(keys, 256), 256, 0, stream>>>(
         soft ? p.du_key : nullptr, soft ? p.frac : nullptr, soft ? ws.at<double>(o_pre) : nullptr,
         n, nseg, d.heads_kv, a.du, a.du_stride[0], a.du_stride[1], a.du_stride[2]);
     BSK_CUDA_CHECK_LAUNCH();

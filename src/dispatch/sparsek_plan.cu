@@ -15,10 +15,6 @@ namespace {
 
 namespace sk = kernels::sparsek;
 
-int grid_for(int64_t n, int threads) {
-  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535));
-}
-
 sk::Scores scores_of(const SparseKPlanArgs& a) {
   return sk::Scores{a.u, a.u_stride[0], a.u_stride[1], a.u_stride[2], a.heads_kv, a.seqlen_k};
 }
@@ -79,7 +75,7 @@ void SparseKPlan::run(cudaStream_t stream) {
   auto* bad = ws.at<unsigned long long>(o_bad_);
   if (items > 0) {  // Skv = 0: no score to check (and no grid to launch)
     BSK_CUDA_CHECK(cudaMemsetAsync(bad, 0xff, 2 * sizeof(unsigned long long), stream));
-    sk::encode_scores_kernel<<<grid_for(items, 256), 256, 0, stream>>>(
+    sk::encode_scores_kernel<<<grid_1d(items, 256), 256, 0, stream>>>(
         scores, nseg, select_ ? ws.at<unsigned long long>(o_keys_in_) : nullptr,
         select_ ? ws.at<int>(o_vals_in_) : nullptr, bad);
     BSK_CUDA_CHECK_LAUNCH();
@@ -90,7 +86,7 @@ void SparseKPlan::run(cudaStream_t stream) {
         ws.at<void>(o_cub_), cub_bytes, ws.at<unsigned long long>(o_keys_in_),
         ws.at<unsigned long long>(o_keys_out_), ws.at<int>(o_vals_in_), ws.at<int>(o_sorted_j_),
         static_cast<int>(items), 0, end_bit_, stream));
-    sk::finish_sort_kernel<<<grid_for(items, 256), 256, 0, stream>>>(
+    sk::finish_sort_kernel<<<grid_1d(items, 256), 256, 0, stream>>>(
         ws.at<unsigned long long>(o_keys_out_), ws.at<int>(o_sorted_j_), nseg, n,
         ws.at<float>(o_sorted_u_), ws.at<int>(o_rank_));
     BSK_CUDA_CHECK_LAUNCH();
