@@ -19,7 +19,7 @@ tests="$tests $root/tests/python/test_hf.py $root/tests/python/test_hf_sparsek.p
 (cd /tmp && python3 -m pytest -q $tests ${BSK_PYTEST_ARGS:-} >"$OUT/pytest.log" 2>&1); echo "pytest rc=$?"
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 if [ -z "${BSK_SKIP_SANITIZER:-}" ]; then
-  sel='cuda and (nonfinite or overflow or B1_H4x4 or B2_H4x1_D128_k24_w16_value or B1_H4x2_D128_k30_w0)'
+  sel='cuda and (nonfinite or overflow or B1_H4x4 or B2_H4x1_D128_k24_w16_value or B1_H4x2_D128_k30_w0 or (fused and ramp))'
   for tool in memcheck racecheck; do
     (cd /tmp && compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x \
        "$root/tests/python/test_sparsek_cache.py" -k "$sel" >"$OUT/$tool.log" 2>&1)

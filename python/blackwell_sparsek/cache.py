@@ -108,10 +108,13 @@ class SparseKCache:
 
     def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
              u_new: torch.Tensor, softmax_scale: Optional[float] = None, return_lse: bool = False):
-        """append() then attend(): one decode step."""
-        stream = self._stream()  # looked up once: decode steps are short enough for it to show
-        self._h.append(k_new, v_new, u_new, stream)
-        return self._attend(q, softmax_scale, return_lse, stream)
+        """append() then attend(): one decode step, in one call (every argument is checked
+        before the cache changes; on sm_90 GPUs the attention overlaps the append)."""
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = (torch.empty(q.shape[0], q.shape[2], 1, dtype=torch.float32, device=q.device)
+               if return_lse else None)
+        self._h.step(q, k_new, v_new, u_new, out, lse, softmax_scale, self._stream())
+        return (out, lse) if return_lse else out
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -239,20 +239,58 @@ void sparsek_cache_prefill(const SparseKCache& cache, const TensorView& k, const
   detail::sparsek_cache_prefill_cuda(cache, k, v, u, lengths, stream);
 }
 
-void sparsek_cache_append(const SparseKCache& cache, const TensorView& k_new,
-                          const TensorView& v_new, const TensorView& u_new, Stream stream) {
-  const Dims d = check_cache(cache);
+namespace {
+
+void check_append(const SparseKCache& cache, const Dims& d, const TensorView& k_new,
+                  const TensorView& v_new, const TensorView& u_new) {
   check_kv_input(k_new, "k_new", cache, d, 1);
   check_kv_input(v_new, "v_new", cache, d, 1);
   check_scores(u_new, "u_new", cache, d, 1);
   check_state_disjoint(cache, k_new, "k_new");
   check_state_disjoint(cache, v_new, "v_new");
   check_state_disjoint(cache, u_new, "u_new");
-  if (cache.k.device.type != DeviceType::kCUDA) return ref::sparsek_cache_append(cache, k_new, v_new, u_new);
+  if (cache.k.device.type == DeviceType::kCUDA) {
+    detail::check_cuda_pointer(k_new, "k_new");
+    detail::check_cuda_pointer(v_new, "v_new");
+    detail::check_cuda_pointer(u_new, "u_new");
+  }
+}
+
+// The attend's checks; the softmax scale it resolves.
+double check_attend(const SparseKCache& cache, const Dims& d, const TensorView& q,
+                    const TensorView& out, const TensorView* lse,
+                    std::optional<double> softmax_scale) {
+  const TensorView kb = as_bshd(cache.k), vb = as_bshd(cache.v);
+  const detail::AttnShape s = detail::check_attention_args(q, kb, vb, out, lse);
+  if (s.seqlen_q != 1)
+    throw InvalidArgument("q", "must hold one position per sequence ([B, 1, Hq, D]), got Sq = " +
+                                   std::to_string(s.seqlen_q));
+  check_state_disjoint(cache, out, "out");
+  if (lse) check_state_disjoint(cache, *lse, "lse");
+  const double scale = detail::resolve_softmax_scale(softmax_scale, d.D, q.device);
+  if (q.device.type == DeviceType::kCUDA) detail::check_cuda_pointers(q, kb, vb, out, lse);
+  return scale;
+}
+
+detail::DecodeArgs decode_args(const SparseKCache& cache, const TensorView& q,
+                               const TensorView& out, const TensorView* lse, double scale) {
+  detail::DecodeArgs a = detail::make_decode_args(q, as_bshd(cache.k), as_bshd(cache.v), out, lse,
+                                                  static_cast<float>(scale));
+  a.cache = &cache;
+  return a;
+}
+
+}  // namespace
+
+void sparsek_cache_append(const SparseKCache& cache, const TensorView& k_new,
+                          const TensorView& v_new, const TensorView& u_new, Stream stream) {
+  const Dims d = check_cache(cache);
+  if (cache.k.device.type != DeviceType::kCUDA) {
+    check_append(cache, d, k_new, v_new, u_new);
+    return ref::sparsek_cache_append(cache, k_new, v_new, u_new);
+  }
   detail::DeviceGuard guard(cache.k.device.index);
-  detail::check_cuda_pointer(k_new, "k_new");
-  detail::check_cuda_pointer(v_new, "v_new");
-  detail::check_cuda_pointer(u_new, "u_new");
+  check_append(cache, d, k_new, v_new, u_new);
   detail::sparsek_cache_append_cuda(cache, k_new, v_new, u_new, stream);
 }
 
@@ -260,21 +298,33 @@ void sparsek_cache_attend(const SparseKCache& cache, const TensorView& q, const 
                           const TensorView* lse, std::optional<double> softmax_scale,
                           Stream stream) {
   const Dims d = check_cache(cache);
-  const TensorView kb = as_bshd(cache.k), vb = as_bshd(cache.v);
-  const detail::AttnShape s = detail::check_attention_args(q, kb, vb, out, lse);
-  if (s.seqlen_q != 1)
-    throw InvalidArgument("q", "must hold one position per sequence ([B, 1, Hq, D]), got Sq = " +
-                                   std::to_string(s.seqlen_q));
-  for (const TensorView* t : {&out}) check_state_disjoint(cache, *t, "out");
-  if (lse) check_state_disjoint(cache, *lse, "lse");
-  const double scale = detail::resolve_softmax_scale(softmax_scale, d.D, q.device);
-  if (q.device.type != DeviceType::kCUDA) return ref::sparsek_cache_attend(cache, q, out, lse, scale);
+  if (q.device.type != DeviceType::kCUDA) {
+    const double scale = check_attend(cache, d, q, out, lse, softmax_scale);
+    return ref::sparsek_cache_attend(cache, q, out, lse, scale);
+  }
   detail::DeviceGuard guard(q.device.index);
-  detail::check_cuda_pointers(q, kb, vb, out, lse);
-  detail::DecodeArgs a =
-      detail::make_decode_args(q, kb, vb, out, lse, static_cast<float>(scale));
-  a.cache = &cache;
-  detail::decode_attention_cuda(a, q.device.index, stream);
+  const double scale = check_attend(cache, d, q, out, lse, softmax_scale);
+  detail::decode_attention_cuda(decode_args(cache, q, out, lse, scale), q.device.index, stream);
+}
+
+void sparsek_cache_step(const SparseKCache& cache, const TensorView& q, const TensorView& k_new,
+                        const TensorView& v_new, const TensorView& u_new, const TensorView& out,
+                        const TensorView* lse, std::optional<double> softmax_scale,
+                        Stream stream) {
+  const Dims d = check_cache(cache);
+  // Everything is checked before anything runs: a bad argument leaves the cache unchanged.
+  if (cache.k.device.type != DeviceType::kCUDA) {
+    check_append(cache, d, k_new, v_new, u_new);
+    const double scale = check_attend(cache, d, q, out, lse, softmax_scale);
+    ref::sparsek_cache_append(cache, k_new, v_new, u_new);
+    return ref::sparsek_cache_attend(cache, q, out, lse, scale);
+  }
+  detail::DeviceGuard guard(cache.k.device.index);
+  check_append(cache, d, k_new, v_new, u_new);
+  const double scale = check_attend(cache, d, q, out, lse, softmax_scale);
+  detail::sparsek_cache_step_cuda(cache, k_new, v_new, u_new,
+                                  decode_args(cache, q, out, lse, scale), cache.k.device.index,
+                                  stream);
 }
 
 }  // namespace bsk

@@ -40,5 +40,9 @@ void sparsek_cache_prefill_cuda(const SparseKCache& cache, const TensorView& k,
 void sparsek_cache_append_cuda(const SparseKCache& cache, const TensorView& k_new,
                                const TensorView& v_new, const TensorView& u_new,
                                cudaStream_t stream);
+// append then attention (args: the attend's, cache set), the attention overlapping the append.
+void sparsek_cache_step_cuda(const SparseKCache& cache, const TensorView& k_new,
+                             const TensorView& v_new, const TensorView& u_new,
+                             const DecodeArgs& args, int device, cudaStream_t stream);
 
 }  // namespace bsk::detail

@@ -21,11 +21,39 @@ namespace sc = kernels::skcache;
 constexpr int kMaxDevices = 64;
 
 
+// The cache append kernel asks for the largest shared-memory carveout, as the attention kernel
+// does (its tiles need it): when consecutive kernels want different L1/shared splits the SMs are
+// reconfigured between them, a cost that shows at batch 1. Once per device.
+template <typename Elem>
+void prepare_append(int device) {
+  static std::mutex mu;
+  static bool done[kMaxDevices] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < kMaxDevices && done[device]) return;
+  BSK_CUDA_CHECK(cudaFuncSetAttribute(sc::cache_append_kernel<Elem>,
+                                      cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+  if (device < kMaxDevices) done[device] = true;
+}
+
+// The append half of a fused decode step (sparsek_cache_step_cuda), launched by launch_decode
+// right before the attention, which it links to (skcache::StepLink).
+template <typename Elem>
+struct StepAppend {
+  sc::CacheParams<Elem> cache;
+  sc::KVSource<Elem> kv;
+  sc::ScoreSource u;
+  int batch, groups;
+};
+
 // Splits of the rows: with fewer groups than resident CTAs, as many as fill the GPU once (batch 1
 // is latency-bound: every CTA runs at once); otherwise the fewest whose waves are >= 90% full.
-// The last CTA of each group combines the splits (no second kernel).
+// The last CTA of each group combines the splits (no second kernel). With `step`, the cache
+// append runs first and the attention is its programmatic dependent (sm_90+): it is resident and
+// loading while the append runs, and the append zeroes the split counters (no memset).
 template <typename Elem, int kD>
-void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cudaStream_t stream) {
+void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cudaStream_t stream,
+                   const StepAppend<Elem>* step = nullptr) {
   auto* kernel = dk::decode_attention_kernel<Elem, kD>;
   constexpr int kSmem = dk::DecodeSmem<kD, Elem>::kBytes;
   // The shared-memory attribute and the occupancy, once per device (both are per device).
@@ -37,6 +65,8 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
     int& cached = per_sm_of[device < kMaxDevices ? device : 0];
     if (cached == 0 || device >= kMaxDevices) {
       BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+      BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
       BSK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cached, kernel, dk::kThreads, kSmem));
       cached = std::max(1, cached);
     }
@@ -61,24 +91,57 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
   if (q.split_rows == 0) q.split_rows = dk::kChunk;  // no rows (Skv = 0): one empty split
   q.splits = splits = std::max(1, (max_rows + q.split_rows - 1) / q.split_rows);
   Workspace ws(stream);
+  const size_t o_changed = step ? ws.reserve(static_cast<size_t>(step->groups) * 2 * sizeof(int)) : 0;
+  size_t o_part_o = 0, o_part_ml = 0, o_counters = 0;
   if (splits > 1) {
     const int64_t rows = static_cast<int64_t>(splits) * p.batch * p.heads_q;
-    const size_t o_part_o = ws.reserve(rows * kD * sizeof(float));
-    const size_t o_part_ml = ws.reserve(rows * 2 * sizeof(float));
-    const size_t o_counters = ws.reserve(groups * sizeof(int));
-    ws.allocate();
+    o_part_o = ws.reserve(rows * kD * sizeof(float));
+    o_part_ml = ws.reserve(rows * 2 * sizeof(float));
+    o_counters = ws.reserve(groups * sizeof(int));
+  }
+  ws.allocate();
+  if (splits > 1) {
     q.part_o = ws.at<float>(o_part_o);
     q.part_ml = ws.at<float>(o_part_ml);
     q.counters = ws.at<int>(o_counters);
-    BSK_CUDA_CHECK(cudaMemsetAsync(q.counters, 0, groups * sizeof(int), stream));
+    if (step == nullptr)
+      BSK_CUDA_CHECK(cudaMemsetAsync(q.counters, 0, groups * sizeof(int), stream));
   }
   const dim3 grid(splits, p.heads_kv * q.head_chunks, p.batch);
-  kernel<<<grid, dk::kThreads, kSmem, stream>>>(q);
+  if (step == nullptr) {
+    kernel<<<grid, dk::kThreads, kSmem, stream>>>(q);
+    BSK_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  sc::StepLink link{ws.at<int>(o_changed), q.counters, q.head_chunks};
+  prepare_append<Elem>(device);
+  sc::cache_append_kernel<Elem><<<step->groups, sc::kAppendThreads, 0, stream>>>(
+      step->cache, step->kv, step->u, step->batch, link);
+  BSK_CUDA_CHECK_LAUNCH();
+  if (groups * splits > slots) {
+    // More than one wave: the attention's early loads would only take SMs from the append.
+    kernel<<<grid, dk::kThreads, kSmem, stream>>>(q);
+    BSK_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  q.changed = link.changed;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(dk::kThreads);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = device_cc(device) >= 90 ? 1 : 0;
+  BSK_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, q));
   BSK_CUDA_CHECK_LAUNCH();
 }
 
 template <typename Elem>
-void run_decode(const DecodeArgs& a, int device, cudaStream_t stream) {
+void run_decode(const DecodeArgs& a, int device, cudaStream_t stream,
+                const StepAppend<Elem>* step = nullptr) {
   dk::DecodeParams<Elem> p{};
   p.q = static_cast<const Elem*>(a.q);
   p.q_sb = a.q_stride[0], p.q_sh = a.q_stride[1];
@@ -108,8 +171,8 @@ void run_decode(const DecodeArgs& a, int device, cudaStream_t stream) {
     p.rows_dense = a.rows_dense;
     p.gate = 2;
   }
-  if (a.head_dim == 64) return launch_decode<Elem, 64>(p, max_rows, device, stream);
-  return launch_decode<Elem, 128>(p, max_rows, device, stream);
+  if (a.head_dim == 64) return launch_decode<Elem, 64>(p, max_rows, device, stream, step);
+  return launch_decode<Elem, 128>(p, max_rows, device, stream, step);
 }
 
 template <typename Elem>
@@ -207,14 +270,36 @@ void sparsek_cache_append_cuda(const SparseKCache& c, const TensorView& k_new,
   if (groups == 0) return;
   const int batch = static_cast<int>(c.k.shape[0]);
   if (c.k.dtype == DType::kFloat16) {
+    prepare_append<__half>(c.k.device.index);
     sc::cache_append_kernel<__half><<<groups, sc::kAppendThreads, 0, stream>>>(
-        cache_params<__half>(c), kv_source<__half>(k_new, v_new), score_source(u_new), batch);
+        cache_params<__half>(c), kv_source<__half>(k_new, v_new), score_source(u_new), batch,
+        sc::StepLink{});
   } else {
+    prepare_append<__nv_bfloat16>(c.k.device.index);
     sc::cache_append_kernel<__nv_bfloat16><<<groups, sc::kAppendThreads, 0, stream>>>(
         cache_params<__nv_bfloat16>(c), kv_source<__nv_bfloat16>(k_new, v_new),
-        score_source(u_new), batch);
+        score_source(u_new), batch, sc::StepLink{});
   }
   BSK_CUDA_CHECK_LAUNCH();
+}
+
+namespace {
+template <typename Elem>
+void run_step(const SparseKCache& c, const TensorView& k_new, const TensorView& v_new,
+              const TensorView& u_new, const DecodeArgs& a, int device, cudaStream_t stream) {
+  const StepAppend<Elem> step{cache_params<Elem>(c), kv_source<Elem>(k_new, v_new),
+                              score_source(u_new), static_cast<int>(c.k.shape[0]),
+                              static_cast<int>(c.k.shape[0] * c.k.shape[1])};
+  run_decode<Elem>(a, device, stream, &step);
+}
+}  // namespace
+
+void sparsek_cache_step_cuda(const SparseKCache& c, const TensorView& k_new,
+                             const TensorView& v_new, const TensorView& u_new,
+                             const DecodeArgs& a, int device, cudaStream_t stream) {
+  if (a.batch == 0 || a.heads_q == 0) return sparsek_cache_append_cuda(c, k_new, v_new, u_new, stream);
+  if (a.dtype == DType::kFloat16) return run_step<__half>(c, k_new, v_new, u_new, a, device, stream);
+  return run_step<__nv_bfloat16>(c, k_new, v_new, u_new, a, device, stream);
 }
 
 }  // namespace bsk::detail

@@ -56,7 +56,18 @@ struct DecodeParams {
   float* part_o;   // [splits, B, Hq, D] (splits > 1)
   float* part_ml;  // [splits, B, Hq, 2]: running max (log2 domain), denominator
   int* counters;   // [B, Hkv * head_chunks], zero at launch (splits > 1)
+  // Fused decode step (launched as a programmatic dependent of the cache append): per group the
+  // two rows the append rewrites (skcache::StepLink); null otherwise. See the kernel.
+  const int* changed;
 };
+
+// Waits for the kernel this one depends on (programmatic dependent launch, sm_90+): its writes
+// are visible after it. Returns at once when there is none.
+__device__ __forceinline__ void wait_for_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 // float -> the element type, round to nearest.
 template <typename Elem>
@@ -118,15 +129,22 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
   }
   __syncthreads();
   const float nan = __int_as_float(0x7fc00000);
-  for (int idx = threadIdx.x; idx < nh * kD; idx += kThreads) {
-    const int h = idx / kD, d = idx % kD, hq = h0 + h;
-    float o = 0.f;
+  // Four dims per thread (float4): every split's load is in flight at once.
+  for (int idx = threadIdx.x; idx < nh * kD / 4; idx += kThreads) {
+    const int h = idx / (kD / 4), d = idx % (kD / 4) * 4, hq = h0 + h;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
-    for (int sp = 0; sp < p.splits; ++sp)
-      o = fmaf(__ldcg(p.part_o + (sp * stride + bh0 + h) * kD + d), s_w[sp][h], o);
+    for (int sp = 0; sp < p.splits; ++sp) {
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(p.part_o + (sp * stride + bh0 + h) * kD + d));
+      const float w = s_w[sp][h];
+      o.x = fmaf(x.x, w, o.x), o.y = fmaf(x.y, w, o.y), o.z = fmaf(x.z, w, o.z), o.w = fmaf(x.w, w, o.w);
+    }
     const float den = s_den[h];
-    p.out[b * p.o_sb + hq * p.o_sh + d] =
-        Round<Elem>::from_float(broken ? nan : (den > 0.f ? o / den : 0.f));
+    const float ox[4] = {o.x, o.y, o.z, o.w};
+    Elem* dst = p.out + b * p.o_sb + hq * p.o_sh + d;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      dst[j] = Round<Elem>::from_float(broken ? nan : (den > 0.f ? ox[j] / den : 0.f));
     if (d == 0 && p.lse != nullptr)
       p.lse[b * p.l_sb + hq * p.l_sh] =
           broken ? nan : (den > 0.f ? (s_mx[h] + log2f(den)) * 0.69314718055994531f : -INFINITY);
@@ -168,20 +186,21 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   __shared__ float s_max[kHeads], s_den[kHeads];
   __shared__ bool s_last;
 
-  const GroupRows gr = group_rows(p, grp);
-  const int total = gr.na + gr.nb;
-  const int r_begin = split * p.split_rows;
-  const int r_end = min(total, r_begin + p.split_rows);
-  const int chunks = r_end > r_begin ? (r_end - r_begin + kChunk - 1) / kChunk : 0;
-  const bool broken = p.status != nullptr && p.status[0] != 0;
   const Elem* kb = p.k + b * p.k_sb + g * p.k_sh;
   const Elem* vb = p.v + b * p.v_sb + g * p.v_sh;
   // Plain locals, not captures of p: taking the address of a kernel parameter (a lambda
   // capturing p by reference, or copying it) puts it in local memory.
-  const int na = gr.na, window = p.window, gate = p.gate;
+  const int window = p.window, gate = p.gate;
   const int64_t k_sr = p.k_sr, v_sr = p.v_sr;
   const float* su = p.slot_u + static_cast<int64_t>(grp) * p.slot_rows;
-  auto physical = [na, window](int r) { return r < na ? r : window + (r - na); };
+  const int r_begin = split * p.split_rows;
+  int na = 0, r_end = 0, chunks = 0;
+  auto set_rows = [&](int na_, int nb_) {
+    na = na_;
+    r_end = min(na_ + nb_, r_begin + p.split_rows);
+    chunks = r_end > r_begin ? (r_end - r_begin + kChunk - 1) / kChunk : 0;
+  };
+  auto physical = [&](int r) { return r < na ? r : window + (r - na); };
 
   auto load_chunk = [&](int c) {
     Elem* st = tiles + (c % kStages) * DecodeSmem<kD, Elem>::kStageElems;
@@ -207,10 +226,60 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
             *reinterpret_cast<uint32_t*>(&s_u[c % kStages][i]));
     }
   };
+  auto prologue = [&] {
 #pragma unroll
-  for (int c = 0; c < kStages - 1; ++c) {
-    if (c < chunks) load_chunk(c);
-    cute::cp_async_fence();
+    for (int c = 0; c < kStages - 1; ++c) {
+      if (c < chunks) load_chunk(c);
+      cute::cp_async_fence();
+    }
+  };
+  // Fused step: the append that precedes this kernel may still be running. In the steady state
+  // (window full, k rows selected: every row in use, in physical order) the rows' places do not
+  // depend on it, and it rewrites two of them, so the first stages load now and those two rows
+  // are reloaded once it has finished; any other state loads after it.
+  const int steady_nb = p.slot_rows - window;
+  const bool speculate = p.changed != nullptr && steady_nb >= 0;
+  if (speculate) {
+    set_rows(window, steady_nb);
+    prologue();
+  }
+  wait_for_primary();
+  const GroupRows gr = group_rows(p, grp);
+  const bool broken = p.status != nullptr && p.status[0] != 0;
+  const bool patch = speculate && gr.na == window && gr.nb == steady_nb;
+  int changed0 = -1, changed1 = -1;
+  if (patch) {
+    changed0 = __ldcg(p.changed + 2 * grp), changed1 = __ldcg(p.changed + 2 * grp + 1);
+  } else {
+    if (speculate) {  // wrong guess: drop those loads
+      cute::cp_async_wait<0>();
+      __syncthreads();
+    }
+    set_rows(gr.na, gr.nb);
+    prologue();
+  }
+  // The rewritten rows among the early loads (the first kStages - 1 chunks): reload them once
+  // those loads have landed.
+  if (patch) {
+    const int early_end = min(r_end, r_begin + (kStages - 1) * kChunk);
+    const bool hit0 = changed0 >= r_begin && changed0 < early_end;
+    const bool hit1 = changed1 >= r_begin && changed1 < early_end;
+    if (hit0 || hit1) {
+      cute::cp_async_wait<0>();
+      __syncthreads();
+      for (int t = tid; t < 4 * (kD / 8); t += kThreads) {
+        const int r = t < 2 * (kD / 8) ? changed0 : changed1;
+        if (!(t < 2 * (kD / 8) ? hit0 : hit1)) continue;
+        const int c = (r - r_begin) / kChunk, i = (r - r_begin) % kChunk;
+        const bool is_v = (t % (2 * (kD / 8))) >= kD / 8;
+        const int col = (t % (kD / 8)) * 8;
+        Elem* st = tiles + (c % kStages) * DecodeSmem<kD, Elem>::kStageElems;
+        const uint4 x = __ldcg(reinterpret_cast<const uint4*>((is_v ? vb + r * v_sr : kb + r * k_sr) + col));
+        *reinterpret_cast<uint4*>(st + (is_v ? kChunk * kD : 0) + swizzle<kD>(i, col)) = x;
+        if (col == 0 && !is_v && r >= na && gate != 2) s_u[c % kStages][i] = __ldcg(su + r);
+      }
+      __syncthreads();
+    }
   }
 
   // Q^T as the B operand of S^T = K Q^T: b0 = (dims 2t, 2t+1), b1 = (dims 2t+8, 2t+9) of head gq

@@ -49,20 +49,6 @@ struct ScoreSource {  // float32 [B, Hkv, L]
   }
 };
 
-// Copies one row of D elements (K and V) with 16-byte vectors; every thread of the block calls it.
-template <typename Elem>
-__device__ __forceinline__ void copy_row(const CacheParams<Elem>& p, int grp, int row,
-                                         const Elem* k_src, const Elem* v_src) {
-  const int vecs = p.head_dim / 8;
-  const int64_t o = (static_cast<int64_t>(grp) * p.rows + row) * p.head_dim;
-  for (int t = threadIdx.x; t < 2 * vecs; t += blockDim.x) {
-    const bool is_v = t >= vecs;
-    const int e = (is_v ? t - vecs : t) * 8;
-    const uint4 x = *reinterpret_cast<const uint4*>((is_v ? v_src : k_src) + e);
-    *reinterpret_cast<uint4*>((is_v ? p.v : p.k) + o + e) = x;
-  }
-}
-
 // The worst selected entry (lowest in the spec's order) as an order key: u high, position low.
 __device__ __forceinline__ unsigned long long entry_key(float u, int pos) {
   return (static_cast<unsigned long long>(sparsek::order_code(u)) << 32) |
@@ -104,6 +90,39 @@ struct PieceOp {
 // Wide blocks: the passes over the candidate entries are latency-bound at batch 1 (one block
 // per KV head), so each thread should have few entries to load.
 constexpr int kAppendThreads = 512;
+// Breakpoints the fast walk may hold (see walk_listed).
+constexpr int kWalkList = 256;
+// Entries per thread loaded at once: a loop that loads one entry per iteration waits a full
+// memory round trip per iteration (measured with clock64: 8 trips for 4K entries, half the
+// append's time at batch 1); a tile of kPer predicated loads waits for one.
+constexpr int kPer = 8;
+
+// f(e, zu[e]) for every entry e < n of this thread, a tile of loads at a time.
+template <class F>
+__device__ __forceinline__ void for_each_score(const float* zu, int n, F&& f) {
+  for (int base = 0; base < n; base += kPer * kAppendThreads) {
+    float z[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int e = base + j * kAppendThreads + static_cast<int>(threadIdx.x);
+      z[j] = e < n ? zu[e] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int e = base + j * kAppendThreads + static_cast<int>(threadIdx.x);
+      if (e < n) f(e, z[j]);
+    }
+  }
+}
+
+// Programmatic dependent launch (sm_90+): lets the decode step's attention kernel start its
+// loads while this kernel runs (it waits for our writes before it uses them). A no-op on older
+// GPUs and when the next kernel was not launched as a dependent.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 // tau by the walk from lo (f(lo) >= k); `piece` describes the piece at lo when `have_piece`.
 template <int kThreads>
@@ -116,9 +135,7 @@ __device__ double walk(const float* zu, int n, int k, double lo, TauPiece piece,
     if (have_piece && bsk::detail::tau_piece_step(piece, k, lo, tau)) return tau;
     have_piece = true;
     TauPiece mine;
-#pragma unroll 4
-    for (int e = threadIdx.x; e < n; e += kThreads)
-      bsk::detail::tau_piece_add(mine, static_cast<double>(zu[e]), lo);
+    for_each_score(zu, n, [&](int, float z) { bsk::detail::tau_piece_add(mine, static_cast<double>(z), lo); });
     const TauPiece all = Reduce(tmp).Reduce(mine, PieceOp());
     if (threadIdx.x == 0) s_piece = all;
     __syncthreads();
@@ -127,21 +144,97 @@ __device__ double walk(const float* zu, int n, int k, double lo, TauPiece piece,
   }
 }
 
+// The walk from `lo` (piece known there) over the breakpoints listed in `bz` (score z; enter:
+// the breakpoint is z - 1, where z joins the band, else z, where it leaves), which must hold
+// every breakpoint in (lo, hi]. The passes over all entries collapse into steps over this short
+// list, run by one warp: at each breakpoint only counts change (every entry that leaves there
+// has z = bp and every one that enters has z = bp + 1), so S moves by counts times bp and the
+// order of the list (filled by atomics) cannot change the result. Returns false where the list
+// cannot decide (the root lies past hi, or f is flat at k and its end lies past hi); `lo` is then
+// a point with f(lo) >= k to walk on from.
+__device__ __forceinline__ bool walk_listed(const float* bz, const unsigned char* enter, int m, long long k,
+                                   double hi, double& lo, TauPiece piece, double& tau) {
+  const int lane = threadIdx.x % 32;
+  for (;;) {
+    // piece.nb is exact while it is <= hi; beyond, the next breakpoint is unknown.
+    const bool known = piece.nb <= hi;
+    if (piece.W == piece.U) {
+      if (piece.U == k) {
+        if (!known) return false;
+        tau = piece.nb;
+        return true;
+      }
+    } else {
+      const double t = (static_cast<double>(piece.U - k) + piece.S) /
+                       static_cast<double>(piece.W - piece.U);
+      if (t < fmin(piece.nb, hi)) {
+        tau = fmax(t, lo);
+        return true;
+      }
+    }
+    if (!known) {
+      // f >= k up to hi (linear there, root not before hi), so the walk may go on from hi.
+      if (piece.W != piece.U || piece.U > k) lo = fmax(lo, hi);
+      return false;
+    }
+    lo = piece.nb;
+    int n_enter = 0, n_leave = 0;
+    double nb = INFINITY;
+    for (int i = lane; i < m; i += 32) {
+      const double bp = enter[i] ? static_cast<double>(bz[i]) - 1.0 : static_cast<double>(bz[i]);
+      if (bp == lo) {
+        if (enter[i]) ++n_enter; else ++n_leave;
+      } else if (bp > lo) {
+        nb = fmin(nb, bp);
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      n_enter += __shfl_xor_sync(0xffffffffu, n_enter, off);
+      n_leave += __shfl_xor_sync(0xffffffffu, n_leave, off);
+      nb = fmin(nb, __shfl_xor_sync(0xffffffffu, nb, off));
+    }
+    piece.U -= n_enter;
+    piece.W -= n_leave;
+    piece.S += static_cast<double>(n_enter) * (lo + 1.0) - static_cast<double>(n_leave) * lo;
+    piece.nb = nb;
+  }
+}
+
+// What a fused decode step (dispatch: sparsek_cache_step) passes from the append to the
+// attention kernel, which starts before the append ends (allow_dependents): per group, the two
+// K/V rows the append rewrites (-1: none), so that rows it loaded early can be reloaded; and the
+// attention's split counters, zeroed here (no memset node in the step).
+struct StepLink {
+  int* changed;   // [B * Hkv, 2] or null
+  int* counters;  // [B * Hkv * counters_per_group] or null
+  int counters_per_group;
+};
+
 // grid: B * Hkv. One new token per sequence: k_new/v_new [B, 1, Hkv, D], u_new [B, Hkv, 1].
+// 96 registers (one block per SM): the tiles of kPer loads need them; at 64 ptxas spills.
 template <typename Elem>
-__global__ void __launch_bounds__(kAppendThreads)
+__global__ void __launch_bounds__(kAppendThreads, 1)
     cache_append_kernel(const CacheParams<Elem> p, const KVSource<Elem> src, const ScoreSource un,
-                        int batch) {
+                        int batch, const StepLink link) {
   using ReduceI = cub::BlockReduce<int, kAppendThreads>;
   using Reduce0 = cub::BlockReduce<Scan0, kAppendThreads>;
   __shared__ union {
     typename ReduceI::TempStorage ri;
     typename Reduce0::TempStorage r0;
   } tmp;
-  __shared__ Scan0 s0;
-  __shared__ int s_bad;
+  __shared__ __align__(16) unsigned char s0_raw[sizeof(Scan0)];  // raw: Scan0 has initializers
+  Scan0& s0 = *reinterpret_cast<Scan0*>(s0_raw);
+  __shared__ float s_bz[kWalkList];
+  __shared__ unsigned char s_enter[kWalkList];
+  __shared__ int s_m;
+  __shared__ double s_walk[2];  // tau (or where to walk on from), and 1 when listed walk decided
 
+  allow_dependents();
   const int grp = blockIdx.x, b = grp / p.heads_kv, h = grp % p.heads_kv;
+  if (link.counters != nullptr)
+    for (int i = threadIdx.x; i < link.counters_per_group; i += kAppendThreads)
+      link.counters[grp * link.counters_per_group + i] = 0;
   // Every load the step needs up front (latency, not bandwidth, bounds this kernel).
   const int status = p.status[0];
   int* cnt = p.counts + 3 * grp;
@@ -152,33 +245,61 @@ __global__ void __launch_bounds__(kAppendThreads)
   const int64_t gbase = static_cast<int64_t>(grp) * p.rows;
   const int ring = p.window > 0 && cpos >= 0 ? cpos % p.window : 0;
   const float uc = p.window > 0 ? p.slot_u[gbase + ring] : unew;
-  if (status != 0) return;  // sticky: a broken cache is left as it is
+  const Elem* k_new = src.k + b * src.k_sb + h * src.k_sh;
+  const Elem* v_new = src.v + b * src.v_sb + h * src.v_sh;
+  // The leaving key's row (thread t < 2 * vecs) and the new token's (2 * vecs <= t < 4 * vecs),
+  // loaded now, stored at the end.
+  const int vecs = p.head_dim / 8;
+  uint4 row_vec = make_uint4(0, 0, 0, 0);
+  {
+    const int t = threadIdx.x, which = t / (2 * vecs), e = (t % (2 * vecs)) % vecs * 8;
+    const bool is_v = (t % (2 * vecs)) >= vecs;
+    const Elem* src_row = nullptr;
+    if (which == 0 && p.budget > 0 && cpos >= 0)
+      src_row = p.window > 0 ? (is_v ? p.v : p.k) + (gbase + ring) * p.head_dim
+                             : (is_v ? v_new : k_new);
+    else if (which == 1 && p.window > 0)
+      src_row = is_v ? v_new : k_new;
+    if (src_row != nullptr) row_vec = *reinterpret_cast<const uint4*>(src_row + e);
+  }
+  // Plain locals, not captures of the parameters (a lambda taking their address puts them in
+  // local memory).
+  int* const changed = link.changed;
+  const int ring_row = p.window > 0 ? pos % p.window : -1;
+  auto publish = [changed, ring_row, grp](int take) {
+    if (changed != nullptr && threadIdx.x == 0) {
+      changed[2 * grp] = ring_row;
+      changed[2 * grp + 1] = take;
+    }
+  };
+  if (status != 0) {  // sticky: a broken cache is left as it is
+    publish(-1);
+    return;
+  }
   // All or nothing: every block checks every new score, so a bad one changes no group.
-  int bad = INT_MAX;
+  bool any_bad = false;
   for (int i = threadIdx.x; i < batch * p.heads_kv; i += kAppendThreads)
-    if (!isfinite(un.at(i / p.heads_kv, i % p.heads_kv, 0))) bad = min(bad, i);
-  bad = ReduceI(tmp.ri).Reduce(bad, MinOp());
-  if (threadIdx.x == 0) s_bad = bad;
-  __syncthreads();
-  if (s_bad != INT_MAX) {
+    any_bad |= !isfinite(un.at(i / p.heads_kv, i % p.heads_kv, 0));
+  if (__syncthreads_or(any_bad)) {
+    int bad = INT_MAX;
+    for (int i = threadIdx.x; i < batch * p.heads_kv; i += kAppendThreads)
+      if (!isfinite(un.at(i / p.heads_kv, i % p.heads_kv, 0))) bad = min(bad, i);
+    bad = ReduceI(tmp.ri).Reduce(bad, MinOp());
     if (grp == 0 && threadIdx.x == 0) {
-      p.status[1] = s_bad;
+      p.status[1] = bad;
       p.status[0] = 1;
     }
+    publish(-1);
     return;
   }
 
   double tau = tau_old;
-  const Elem* k_new = src.k + b * src.k_sb + h * src.k_sh;
-  const Elem* v_new = src.v + b * src.v_sb + h * src.v_sh;
   float* zu = p.cand_u + static_cast<int64_t>(grp) * p.cap;
   int* zp = p.cand_pos + static_cast<int64_t>(grp) * p.cap;
   int* zr = p.cand_row + static_cast<int64_t>(grp) * p.cap;
 
+  int take_row = -1;
   if (p.budget > 0 && cpos >= 0) {
-    const Elem* kc = p.window > 0 ? p.k + (gbase + ring) * p.head_dim : k_new;
-    const Elem* vc = p.window > 0 ? p.v + (gbase + ring) * p.head_dim : v_new;
-    int take_row = -1;
     if (cpos + 1 <= p.budget) {  // at most k candidates: all selected, every gate 1
       take_row = p.window + nsel;
       if (threadIdx.x == 0) zu[n] = uc, zp[n] = cpos, zr[n] = take_row;
@@ -190,21 +311,37 @@ __global__ void __launch_bounds__(kAppendThreads)
       mine.free_at = INT_MAX;
       mine.zmin = INFINITY;
       const bool tau_known = tau_old > -INFINITY;
-#pragma unroll 4
-      for (int e = threadIdx.x; e < n; e += kAppendThreads) {
-        const float z = zu[e];
-        const int row = zr[e], zpos = zp[e];
-        if (row >= 0) {
-          const unsigned long long key = entry_key(z, zpos);
-          if (key < mine.worst) mine.worst = key, mine.worst_at = e;
-        } else if (static_cast<double>(z) <= tau_old && e < mine.free_at) {
-          mine.free_at = e;
+      for (int base = 0; base < n; base += kPer * kAppendThreads) {
+        float z[kPer];
+        int row[kPer], zpos[kPer];
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int e = base + j * kAppendThreads + static_cast<int>(threadIdx.x);
+          z[j] = e < n ? zu[e] : 0.f;
+          row[j] = e < n ? zr[e] : -1;
         }
-        mine.zmin = fminf(mine.zmin, z);
-        if (p.soft && tau_known) bsk::detail::tau_piece_add(mine.piece, static_cast<double>(z), tau_old);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {  // positions only for the selected (the worst's ties)
+          const int e = base + j * kAppendThreads + static_cast<int>(threadIdx.x);
+          zpos[j] = e < n && row[j] >= 0 ? zp[e] : 0;
+        }
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int e = base + j * kAppendThreads + static_cast<int>(threadIdx.x);
+          if (e >= n) continue;
+          if (row[j] >= 0) {
+            const unsigned long long key = entry_key(z[j], zpos[j]);
+            if (key < mine.worst) mine.worst = key, mine.worst_at = e;
+          } else if (static_cast<double>(z[j]) <= tau_old && e < mine.free_at) {
+            mine.free_at = e;
+          }
+          mine.zmin = fminf(mine.zmin, z[j]);
+          if (p.soft && tau_known)
+            bsk::detail::tau_piece_add(mine.piece, static_cast<double>(z[j]), tau_old);
+        }
       }
       const Scan0 all = Reduce0(tmp.r0).Reduce(mine, Scan0Op());
-      if (threadIdx.x == 0) s0 = all;
+      if (threadIdx.x == 0) s0 = all, s_m = 0;
       __syncthreads();
       const Scan0 sc = s0;
       const float u_worst = sparsek::from_order_code(static_cast<uint32_t>(sc.worst >> 32));
@@ -223,6 +360,7 @@ __global__ void __launch_bounds__(kAppendThreads)
               p.status[1] = grp;
               p.status[0] = 2;
             }
+            publish(-1);
             return;
           }
           at = n++;
@@ -238,23 +376,76 @@ __global__ void __launch_bounds__(kAppendThreads)
         // first time there are more than k candidates, from below every score.
         TauPiece piece = sc.piece;
         double lo = tau_old;
-        if (tau_known) bsk::detail::tau_piece_add(piece, static_cast<double>(uc), lo);
-        else lo = static_cast<double>(fminf(sc.zmin, uc)) - 1.0;
-        __syncthreads();  // the new entry is visible to the walk's passes
-        tau = walk<kAppendThreads>(zu, n, p.budget, lo, piece, tau_known);
+        bool have_piece = tau_known;
+        if (tau_known) {
+          bsk::detail::tau_piece_add(piece, static_cast<double>(uc), lo);
+          // Most steps move tau across a few breakpoints only: list those up to a guess hi
+          // (four times the current piece's reach, and at least its end) and walk over the
+          // list (walk_listed); the passes over every entry remain for what it cannot decide.
+          const double f_lo = static_cast<double>(piece.U) + piece.S -
+                              static_cast<double>(piece.W - piece.U) * lo;
+          const double reach = piece.W > piece.U
+                                   ? (f_lo - static_cast<double>(p.budget)) /
+                                         static_cast<double>(piece.W - piece.U)
+                                   : 0.0;
+          const double hi = fmax(lo + 4.0 * fmax(reach, 0.0), piece.nb);
+          __syncthreads();  // the new entry is in place
+          if (hi < INFINITY) {
+            for_each_score(zu, n, [&](int, float zf) {
+              const double z = static_cast<double>(zf);
+              const bool leave = z > lo && z <= hi, enter = z - 1.0 > lo && z - 1.0 <= hi;
+              if (leave || enter) {
+                const int slot = atomicAdd(&s_m, static_cast<int>(leave) + static_cast<int>(enter));
+                if (leave && slot < kWalkList) s_bz[slot] = static_cast<float>(z), s_enter[slot] = 0;
+                const int s2 = slot + static_cast<int>(leave);
+                if (enter && s2 < kWalkList) s_bz[s2] = static_cast<float>(z), s_enter[s2] = 1;
+              }
+            });
+          }
+          __syncthreads();
+          if (threadIdx.x < 32) {
+            double t = tau_old, l = lo;
+            bool done = false;
+            if (hi < INFINITY && s_m <= kWalkList)
+              done = walk_listed(s_bz, s_enter, s_m, p.budget, hi, l, piece, t);
+            if (threadIdx.x == 0) s_walk[0] = done ? t : l, s_walk[1] = done ? 1.0 : 0.0;
+          }
+          __syncthreads();
+          if (s_walk[1] != 0.0) {
+            tau = s_walk[0];
+          } else {
+            have_piece = s_walk[0] == lo;  // else the walk goes on from a later point
+            lo = s_walk[0];
+            tau = walk<kAppendThreads>(zu, n, p.budget, lo, piece, have_piece);
+          }
+        } else {
+          lo = static_cast<double>(fminf(sc.zmin, uc)) - 1.0;
+          __syncthreads();  // the new entry is visible to the walk's passes
+          tau = walk<kAppendThreads>(zu, n, p.budget, lo, piece, false);
+        }
       }
     }
     if (take_row >= 0) {
-      copy_row(p, grp, take_row, kc, vc);
-      if (threadIdx.x == 0) p.slot_u[gbase + take_row] = uc;
+      const int t = threadIdx.x;
+      if (t < 2 * vecs) {
+        const bool is_v = t >= vecs;
+        *reinterpret_cast<uint4*>((is_v ? p.v : p.k) + (gbase + take_row) * p.head_dim +
+                                  (t % vecs) * 8) = row_vec;
+      }
+      if (t == 0) p.slot_u[gbase + take_row] = uc;
     }
   }
   __syncthreads();  // the leaving key is copied out before its ring row is overwritten
   if (p.window > 0) {
-    const int row = pos % p.window;
-    copy_row(p, grp, row, k_new, v_new);
-    if (threadIdx.x == 0) p.slot_u[gbase + row] = unew;
+    const int row = pos % p.window, t = threadIdx.x;
+    if (t >= 2 * vecs && t < 4 * vecs) {
+      const bool is_v = t - 2 * vecs >= vecs;
+      *reinterpret_cast<uint4*>((is_v ? p.v : p.k) + (gbase + row) * p.head_dim +
+                                (t % vecs) * 8) = row_vec;
+    }
+    if (t == 0) p.slot_u[gbase + row] = unew;
   }
+  publish(take_row);
   if (threadIdx.x == 0) {
     cnt[0] = pos + 1;
     cnt[1] = n;

@@ -426,6 +426,22 @@ class SparseKCacheHandle {
     }
     bsk::sparsek_cache_attend(c_, tq, to, has ? &tl : nullptr, softmax_scale, to_stream(stream));
   }
+  void step(const Array& q, const Array& k, const Array& v, const Array& u, const Array& out,
+            const Array& lse, std::optional<double> softmax_scale, std::uintptr_t stream) {
+    const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k_new"), tv = to_view(v, "v_new"),
+                          tu = to_view(u, "u_new"), to = to_view(out, "out");
+    bsk::TensorView tl;
+    const bool has = lse.is_valid();
+    if (has) tl = to_view(lse, "lse");
+    if (c_.k.device.type == bsk::DeviceType::kCPU) {
+      nb::gil_scoped_release release;
+      bsk::sparsek_cache_step(c_, tq, tk, tv, tu, to, has ? &tl : nullptr, softmax_scale,
+                              to_stream(stream));
+      return;
+    }
+    bsk::sparsek_cache_step(c_, tq, tk, tv, tu, to, has ? &tl : nullptr, softmax_scale,
+                            to_stream(stream));
+  }
 
  private:
   std::vector<Array> arrays_;
@@ -479,7 +495,10 @@ NB_MODULE(_C, m) {
            nb::arg("u_new"), nb::arg("stream") = 0)
       .def("attend", &SparseKCacheHandle::attend, nb::arg("q"), nb::arg("out"),
            nb::arg("lse").none(), nb::arg("softmax_scale").none() = nb::none(),
-           nb::arg("stream") = 0);
+           nb::arg("stream") = 0)
+      .def("step", &SparseKCacheHandle::step, nb::arg("q"), nb::arg("k_new"), nb::arg("v_new"),
+           nb::arg("u_new"), nb::arg("out"), nb::arg("lse").none(),
+           nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0);
   m.def("attention_forward", &attention_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal") = false,
         nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,

@@ -134,9 +134,14 @@ TEST_P(SparseKCacheCpu, DecodeEqualsPrefillDefinition) {
       }
       for (int64_t h = 0; h < c.Hkv; ++h) un.set({b, h, 0}, s.u.get({b, h, p}));
     }
-    bsk::sparsek_cache_append(cache.view, kn.view(), vn.view(), un.view());
     bsk::TensorView lsev = lse.view();
-    bsk::sparsek_cache_attend(cache.view, qn.view(), out.view(), &lsev);
+    if (step % 2 == 0) {  // the fused step and its two halves take turns
+      bsk::sparsek_cache_step(cache.view, qn.view(), kn.view(), vn.view(), un.view(), out.view(),
+                              &lsev);
+    } else {
+      bsk::sparsek_cache_append(cache.view, kn.view(), vn.view(), un.view());
+      bsk::sparsek_cache_attend(cache.view, qn.view(), out.view(), &lsev);
+    }
     for (int64_t b = 0; b < c.B; ++b) {  // the oracle: the prefill definition at position p
       const int64_t p = c.lengths[b] + step;
       HostTensor ro(DType::kFloat64, {1, 1, c.Hq, c.D}), rl(DType::kFloat32, {1, c.Hq, 1});
@@ -195,6 +200,16 @@ TEST(SparseKCacheCpuErrors, BadInputNamesTheArgumentAndBadScoresLeaveTheCache) {
   bsk::SparseKCache bad = cache.view;
   bad.window = 5;  // rows no longer w + k
   expect_arg([&] { bsk::sparsek_cache_attend(bad, q.view(), out.view(), nullptr); }, "k_cache");
+
+  // A step checks the attention's arguments before it appends: a bad one changes nothing.
+  {
+    const auto before = cache.snapshot();
+    expect_arg([&] {
+      bsk::sparsek_cache_step(cache.view, q2.view(), kn.view(), vn.view(), un.view(), q2.view(),
+                              nullptr);
+    }, "q");
+    EXPECT_EQ(before, cache.snapshot());
+  }
 
   const auto before = cache.snapshot();
   un.set({0, 1, 0}, std::numeric_limits<double>::quiet_NaN());

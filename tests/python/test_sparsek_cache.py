@@ -304,3 +304,32 @@ def test_cuda_prefill_state_equals_cpu():
                 assert x[0] == y[0] and x[1] == y[1] and x[3] == y[3]
                 assert x[2] == pytest.approx(y[2], abs=1e-9)
         torch.testing.assert_close(g.k_cache.cpu(), c.k_cache)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["ramp", "ties", "flat"])
+def test_cuda_fused_step_equals_append_then_attend(kind):
+    """step() runs the attention as a dependent of the append that starts before the append ends
+    (rows it loads early and the append rewrites are reloaded); append() + attend() run one after
+    the other. Both must agree bitwise, in the steady state (window full, k selected, where the
+    early loads are kept) and before it."""
+    q, k, v, u = stream(2, 900, 8, 2, 128, kind, seed=21)
+    lengths, steps, kb, w = [20, 600], 300, 48, 32
+    cap = 1024 if kind == "flat" else None
+    to = lambda t: t.to(device="cuda", dtype=torch.bfloat16)
+    caches = [SparseKCache.from_prefill(
+        to(k[:, :600]), to(v[:, :600]), u[:, :, :600].cuda(), k_budget=kb, window=w,
+        lengths=torch.tensor(lengths, dtype=torch.int32, device="cuda"), score_capacity=cap)
+        for _ in range(2)]
+    ar = torch.arange(2)
+    for s in range(steps):
+        pos = torch.tensor(lengths) + s
+        x = (to(q[ar, pos][:, None]), to(k[ar, pos][:, None]), to(v[ar, pos][:, None]),
+             u[ar, :, pos][:, :, None].cuda())
+        a, la = caches[0].step(*x, return_lse=True)
+        caches[1].append(*x[1:])
+        b, lb = caches[1].attend(x[0], return_lse=True)
+        assert torch.equal(a, b) and torch.equal(la, lb), f"step {s}"
+    for name in ("k_cache", "v_cache", "slot_u", "cand_u", "cand_pos", "cand_row", "tau", "counts"):
+        assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
+    caches[0].check()
