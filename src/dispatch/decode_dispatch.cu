@@ -21,21 +21,6 @@ namespace sc = kernels::skcache;
 constexpr int kMaxDevices = 64;
 
 
-// The cache append kernel asks for the largest shared-memory carveout, as the attention kernel
-// does (its tiles need it): when consecutive kernels want different L1/shared splits the SMs are
-// reconfigured between them, a cost that shows at batch 1. Once per device.
-template <typename Elem>
-void prepare_append(int device) {
-  static std::mutex mu;
-  static bool done[kMaxDevices] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < kMaxDevices && done[device]) return;
-  BSK_CUDA_CHECK(cudaFuncSetAttribute(sc::cache_append_kernel<Elem>,
-                                      cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
-  if (device < kMaxDevices) done[device] = true;
-}
-
 // The append half of a fused decode step (sparsek_cache_step_cuda), launched by launch_decode
 // right before the attention, which it links to (skcache::StepLink).
 template <typename Elem>
@@ -65,8 +50,6 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
     int& cached = per_sm_of[device < kMaxDevices ? device : 0];
     if (cached == 0 || device >= kMaxDevices) {
       BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-      BSK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                          cudaSharedmemCarveoutMaxShared));
       BSK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cached, kernel, dk::kThreads, kSmem));
       cached = std::max(1, cached);
     }
@@ -108,23 +91,21 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
       BSK_CUDA_CHECK(cudaMemsetAsync(q.counters, 0, groups * sizeof(int), stream));
   }
   const dim3 grid(splits, p.heads_kv * q.head_chunks, p.batch);
-  if (step == nullptr) {
+  // The overlap needs sm_90 and pays within one wave: past it the attention's early loads would
+  // only take SMs from the append.
+  const bool overlap = step != nullptr && groups * splits <= slots && device_cc(device) >= 90;
+  if (step != nullptr) {
+    const sc::StepLink link{ws.at<int>(o_changed), q.counters, q.head_chunks};
+    sc::cache_append_kernel<Elem><<<step->groups, sc::kAppendThreads, 0, stream>>>(
+        step->cache, step->kv, step->u, step->batch, link);
+    BSK_CUDA_CHECK_LAUNCH();
+    if (overlap) q.changed = link.changed;
+  }
+  if (!overlap) {
     kernel<<<grid, dk::kThreads, kSmem, stream>>>(q);
     BSK_CUDA_CHECK_LAUNCH();
     return;
   }
-  sc::StepLink link{ws.at<int>(o_changed), q.counters, q.head_chunks};
-  prepare_append<Elem>(device);
-  sc::cache_append_kernel<Elem><<<step->groups, sc::kAppendThreads, 0, stream>>>(
-      step->cache, step->kv, step->u, step->batch, link);
-  BSK_CUDA_CHECK_LAUNCH();
-  if (groups * splits > slots) {
-    // More than one wave: the attention's early loads would only take SMs from the append.
-    kernel<<<grid, dk::kThreads, kSmem, stream>>>(q);
-    BSK_CUDA_CHECK_LAUNCH();
-    return;
-  }
-  q.changed = link.changed;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(dk::kThreads);
@@ -134,7 +115,7 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = device_cc(device) >= 90 ? 1 : 0;
+  cfg.numAttrs = 1;
   BSK_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, q));
   BSK_CUDA_CHECK_LAUNCH();
 }
@@ -270,12 +251,10 @@ void sparsek_cache_append_cuda(const SparseKCache& c, const TensorView& k_new,
   if (groups == 0) return;
   const int batch = static_cast<int>(c.k.shape[0]);
   if (c.k.dtype == DType::kFloat16) {
-    prepare_append<__half>(c.k.device.index);
     sc::cache_append_kernel<__half><<<groups, sc::kAppendThreads, 0, stream>>>(
         cache_params<__half>(c), kv_source<__half>(k_new, v_new), score_source(u_new), batch,
         sc::StepLink{});
   } else {
-    prepare_append<__nv_bfloat16>(c.k.device.index);
     sc::cache_append_kernel<__nv_bfloat16><<<groups, sc::kAppendThreads, 0, stream>>>(
         cache_params<__nv_bfloat16>(c), kv_source<__nv_bfloat16>(k_new, v_new),
         score_source(u_new), batch, sc::StepLink{});

@@ -247,20 +247,10 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const GroupRows gr = group_rows(p, grp);
   const bool broken = p.status != nullptr && p.status[0] != 0;
   const bool patch = speculate && gr.na == window && gr.nb == steady_nb;
-  int changed0 = -1, changed1 = -1;
   if (patch) {
-    changed0 = __ldcg(p.changed + 2 * grp), changed1 = __ldcg(p.changed + 2 * grp + 1);
-  } else {
-    if (speculate) {  // wrong guess: drop those loads
-      cute::cp_async_wait<0>();
-      __syncthreads();
-    }
-    set_rows(gr.na, gr.nb);
-    prologue();
-  }
-  // The rewritten rows among the early loads (the first kStages - 1 chunks): reload them once
-  // those loads have landed.
-  if (patch) {
+    // The rewritten rows among the early loads (the first kStages - 1 chunks): reload them once
+    // those loads have landed.
+    const int changed0 = __ldcg(p.changed + 2 * grp), changed1 = __ldcg(p.changed + 2 * grp + 1);
     const int early_end = min(r_end, r_begin + (kStages - 1) * kChunk);
     const bool hit0 = changed0 >= r_begin && changed0 < early_end;
     const bool hit1 = changed1 >= r_begin && changed1 < early_end;
@@ -280,6 +270,13 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       }
       __syncthreads();
     }
+  } else {
+    if (speculate) {  // wrong guess: drop those loads
+      cute::cp_async_wait<0>();
+      __syncthreads();
+    }
+    set_rows(gr.na, gr.nb);
+    prologue();
   }
 
   // Q^T as the B operand of S^T = K Q^T: b0 = (dims 2t, 2t+1), b1 = (dims 2t+8, 2t+9) of head gq

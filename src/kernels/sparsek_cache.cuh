@@ -201,6 +201,49 @@ __device__ __forceinline__ bool walk_listed(const float* bz, const unsigned char
   }
 }
 
+// tau after an append, from the old tau `lo` and the piece there (the new score included). Most
+// steps move tau across a few breakpoints only: list those up to a guess hi (four times the
+// piece's reach, and at least its end) and walk over the list (walk_listed); the passes over
+// every entry (walk) remain for what the list cannot decide. Every thread of the block calls it.
+__device__ inline double walk_on(const float* zu, int n, int k, double lo, const TauPiece& piece) {
+  __shared__ float s_bz[kWalkList];
+  __shared__ unsigned char s_enter[kWalkList];
+  __shared__ int s_m;
+  __shared__ double s_walk[2];  // tau, or where to walk on from; 1 when the list decided
+  const double f_lo = static_cast<double>(piece.U) + piece.S -
+                      static_cast<double>(piece.W - piece.U) * lo;
+  const double reach = piece.W > piece.U ? (f_lo - static_cast<double>(k)) /
+                                               static_cast<double>(piece.W - piece.U)
+                                         : 0.0;
+  const double hi = fmax(lo + 4.0 * fmax(reach, 0.0), piece.nb);
+  if (threadIdx.x == 0) s_m = 0;
+  __syncthreads();
+  if (hi < INFINITY) {
+    for_each_score(zu, n, [&](int, float zf) {
+      const double z = static_cast<double>(zf);
+      const bool leave = z > lo && z <= hi, enter = z - 1.0 > lo && z - 1.0 <= hi;
+      if (leave || enter) {
+        const int slot = atomicAdd(&s_m, static_cast<int>(leave) + static_cast<int>(enter));
+        if (leave && slot < kWalkList) s_bz[slot] = zf, s_enter[slot] = 0;
+        const int s2 = slot + static_cast<int>(leave);
+        if (enter && s2 < kWalkList) s_bz[s2] = zf, s_enter[s2] = 1;
+      }
+    });
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    double t = lo, l = lo;
+    bool done = false;
+    if (hi < INFINITY && s_m <= kWalkList) done = walk_listed(s_bz, s_enter, s_m, k, hi, l, piece, t);
+    if (threadIdx.x == 0) s_walk[0] = done ? t : l, s_walk[1] = done ? 1.0 : 0.0;
+  }
+  __syncthreads();
+  const double at = s_walk[0];
+  if (s_walk[1] != 0.0) return at;
+  // The piece is known only where the list walk did not move.
+  return walk<kAppendThreads>(zu, n, k, at, piece, at == lo);
+}
+
 // What a fused decode step (dispatch: sparsek_cache_step) passes from the append to the
 // attention kernel, which starts before the append ends (allow_dependents): per group, the two
 // K/V rows the append rewrites (-1: none), so that rows it loaded early can be reloaded; and the
@@ -225,10 +268,6 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
   } tmp;
   __shared__ __align__(16) unsigned char s0_raw[sizeof(Scan0)];  // raw: Scan0 has initializers
   Scan0& s0 = *reinterpret_cast<Scan0*>(s0_raw);
-  __shared__ float s_bz[kWalkList];
-  __shared__ unsigned char s_enter[kWalkList];
-  __shared__ int s_m;
-  __shared__ double s_walk[2];  // tau (or where to walk on from), and 1 when listed walk decided
 
   allow_dependents();
   const int grp = blockIdx.x, b = grp / p.heads_kv, h = grp % p.heads_kv;
@@ -341,7 +380,7 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
         }
       }
       const Scan0 all = Reduce0(tmp.r0).Reduce(mine, Scan0Op());
-      if (threadIdx.x == 0) s0 = all, s_m = 0;
+      if (threadIdx.x == 0) s0 = all;
       __syncthreads();
       const Scan0 sc = s0;
       const float u_worst = sparsek::from_order_code(static_cast<uint32_t>(sc.worst >> 32));
@@ -376,48 +415,9 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
         // first time there are more than k candidates, from below every score.
         TauPiece piece = sc.piece;
         double lo = tau_old;
-        bool have_piece = tau_known;
         if (tau_known) {
           bsk::detail::tau_piece_add(piece, static_cast<double>(uc), lo);
-          // Most steps move tau across a few breakpoints only: list those up to a guess hi
-          // (four times the current piece's reach, and at least its end) and walk over the
-          // list (walk_listed); the passes over every entry remain for what it cannot decide.
-          const double f_lo = static_cast<double>(piece.U) + piece.S -
-                              static_cast<double>(piece.W - piece.U) * lo;
-          const double reach = piece.W > piece.U
-                                   ? (f_lo - static_cast<double>(p.budget)) /
-                                         static_cast<double>(piece.W - piece.U)
-                                   : 0.0;
-          const double hi = fmax(lo + 4.0 * fmax(reach, 0.0), piece.nb);
-          __syncthreads();  // the new entry is in place
-          if (hi < INFINITY) {
-            for_each_score(zu, n, [&](int, float zf) {
-              const double z = static_cast<double>(zf);
-              const bool leave = z > lo && z <= hi, enter = z - 1.0 > lo && z - 1.0 <= hi;
-              if (leave || enter) {
-                const int slot = atomicAdd(&s_m, static_cast<int>(leave) + static_cast<int>(enter));
-                if (leave && slot < kWalkList) s_bz[slot] = static_cast<float>(z), s_enter[slot] = 0;
-                const int s2 = slot + static_cast<int>(leave);
-                if (enter && s2 < kWalkList) s_bz[s2] = static_cast<float>(z), s_enter[s2] = 1;
-              }
-            });
-          }
-          __syncthreads();
-          if (threadIdx.x < 32) {
-            double t = tau_old, l = lo;
-            bool done = false;
-            if (hi < INFINITY && s_m <= kWalkList)
-              done = walk_listed(s_bz, s_enter, s_m, p.budget, hi, l, piece, t);
-            if (threadIdx.x == 0) s_walk[0] = done ? t : l, s_walk[1] = done ? 1.0 : 0.0;
-          }
-          __syncthreads();
-          if (s_walk[1] != 0.0) {
-            tau = s_walk[0];
-          } else {
-            have_piece = s_walk[0] == lo;  // else the walk goes on from a later point
-            lo = s_walk[0];
-            tau = walk<kAppendThreads>(zu, n, p.budget, lo, piece, have_piece);
-          }
+          tau = walk_on(zu, n, p.budget, lo, piece);  // syncs first: the new entry is in place
         } else {
           lo = static_cast<double>(fminf(sc.zmin, uc)) - 1.0;
           __syncthreads();  // the new entry is visible to the walk's passes
