@@ -95,9 +95,25 @@ def attention(
     _validate.inputs(("q", q), ("k", k), ("v", v))
     _validate.boolean(causal, "causal")
     _validate.scale(softmax_scale, "softmax_scale")
-    fwd = _attention_fwd if _needs_grad(q, k, v) else _attention_fwd_nograd
-    out, lse = fwd(q, k, v, causal, softmax_scale)
+    if ops.direct_call_ok(q, k, v):
+        out, lse = ops.attention_cuda(q, k, v, causal, softmax_scale, return_lse)
+    else:
+        fwd = _attention_fwd if _needs_grad(q, k, v) else _attention_fwd_nograd
+        out, lse = fwd(q, k, v, causal, softmax_scale)
     return (out, lse) if return_lse else out
+
+
+def _attention_forward(q, k, v):
+    """What runs a dense forward on these inputs when lse is not wanted: the CUDA implementation
+    itself for a plain eager call (ops.direct_call_ok), else the differentiable op or its
+    autograd-free twin."""
+    if ops.direct_call_ok(q, k, v):
+        return _attention_cuda_no_lse
+    return _attention_fwd if _needs_grad(q, k, v) else _attention_fwd_nograd
+
+
+def _attention_cuda_no_lse(q, k, v, causal, softmax_scale):
+    return ops.attention_cuda(q, k, v, causal, softmax_scale, False)
 
 
 def sdpa(
@@ -151,7 +167,7 @@ _SDPA_NAMES = re.compile(r"argument '(q|k|v|softmax_scale)'")
 
 
 def _sdpa_bshd(q, k, v, is_causal, scale):
-    fwd = _attention_fwd if _needs_grad(q, k, v) else _attention_fwd_nograd
+    fwd = _attention_forward(q, k, v)
     sq, skv = q.shape[1], k.shape[1]
     if not is_causal or sq == skv:
         out, _ = fwd(q, k, v, is_causal, scale)

@@ -24,6 +24,7 @@ import torch
 
 from . import _C
 from . import _validate
+from . import ops
 
 __all__ = ["SparseKCache"]
 
@@ -82,7 +83,7 @@ class SparseKCache:
         return c
 
     def _stream(self) -> int:
-        return torch.cuda.current_stream(self.k_cache.device).cuda_stream if self.k_cache.is_cuda else 0
+        return ops.stream_of(self.k_cache)
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
                 lengths: Optional[torch.Tensor] = None) -> None:

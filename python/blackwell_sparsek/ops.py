@@ -47,7 +47,7 @@ from . import _C
 from . import _validate
 
 __all__ = ["attention_fwd", "sparsek_fwd", "attention_fwd_nograd", "sparsek_fwd_nograd",
-           "attention_bwd", "sparsek_bwd"]
+           "attention_bwd", "sparsek_bwd", "direct_call_ok", "attention_cuda", "stream_of"]
 
 _lib = torch.library.Library("blackwell_sparsek", "DEF")
 _ATTENTION_ARGS = "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale)"
@@ -70,15 +70,17 @@ _lib.define(
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, with_lse: bool = True
+             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if q.dim() == 4 and q.shape[1] > _validate.MAX_LEN:
         # libbsk would refuse the length, but only after out is allocated (or fails to be).
         _validate.attention(q, k, v)
     # empty_like / new_empty: the cheapest allocations from Python (torch.empty(shape, dtype=...,
     # device=...) costs several microseconds more per call).
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if q.dim() == 4:
+    if not with_lse:
+        lse = None
+    elif q.dim() == 4:
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     else:  # the C++ validation rejects q's rank before it looks at lse
         lse = q.new_empty((0, 0, 0), dtype=torch.float32)
@@ -87,6 +89,10 @@ def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of a CUDA BSHD tensor that only breaks the 16-byte alignment rule."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        # The common case in two calls: a contiguous tensor's strides are multiples of its head
+        # dim, which libbsk requires to be 64 or 128 on CUDA (and rejects otherwise).
+        return t
     if (
         t.dim() == 4
         and t.dtype in _KERNEL_DTYPES
@@ -103,6 +109,44 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def stream_of(t: torch.Tensor) -> int:
+    """The current torch stream of t's CUDA device as an int cudaStream_t (0 for CPU tensors).
+    torch._C._cuda_getCurrentRawStream is what torch.compile's generated code calls; the public
+    torch.cuda.current_stream(dev).cuda_stream builds a Stream object and cost ~6 us per call
+    on the lent H100's host (latency suite)."""
+    return _raw_stream(t.get_device()) if t.is_cuda else 0
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_stream = stream_of
+
+
+def direct_call_ok(q, k, v) -> bool:
+    """Whether an eager front-door call on q, k, v may run the ops' CUDA implementation itself
+    instead of going through the torch dispatcher, which would only route it there: plain CUDA
+    tensors that need no gradient, with nothing that watches or transforms calls active
+    (torch.compile tracing, jit tracing, torch-function or dispatch modes, functorch transforms,
+    the autograd profiler). The dispatcher cost ~14 us per small call on the lent H100's host,
+    these checks ~4-8 us there (latency suite, bench/results); anything unusual keeps the op.
+    torch.compiler.is_compiling() comes first: dynamo folds it to True, so a traced front door
+    never looks further."""
+    if (torch.compiler.is_compiling() or _jit_tracing() or _dispatch_modes()
+            or _function_modes() or _functorch_level() is not None or _profiling()):
+        return False
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and q.is_cuda):
+        return False  # (a CPU k or v beside a CUDA q gets libbsk's error, as through the op)
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+# The C functions behind torch.jit.is_tracing() etc., without their Python wrappers.
+_jit_tracing = torch._C._is_tracing
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_level = torch._C._functorch.maybe_current_level
+_profiling = torch._C._autograd._profiler_enabled
+
+
 # ---- attention_fwd ------------------------------------------------------------------------------
 
 
@@ -112,16 +156,17 @@ def _attention_cpu(q, k, v, causal, softmax_scale):
     return out, lse
 
 
-def _attention_cuda(q, k, v, causal, softmax_scale):
+def _attention_cuda(q, k, v, causal, softmax_scale, with_lse=True):
+    """The ops' CUDA implementation, also called directly by the front doors (direct_call_ok),
+    which pass with_lse=False when the caller does not want lse (then None: one allocation
+    less)."""
     if not q.is_cuda:  # mixed devices: let the C++ validation name the culprit
         return _attention_cpu(q, k, v, causal, softmax_scale)
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
-    out, lse = _outputs(q, k, v)
+    out, lse = _outputs(q, k, v, with_lse)
     # No torch.cuda.device context: libbsk makes q's device current itself (and restores it).
-    stream = torch.cuda.current_stream(q.device).cuda_stream
-    _C.attention_forward(
-        _dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), causal, softmax_scale, stream
-    )
+    _C.attention_forward(_dl(q), _dl(k), _dl(v), _dl(out), None if lse is None else _dl(lse),
+                         causal, softmax_scale, _stream(q))
     return out, lse
 
 
@@ -130,6 +175,8 @@ def _attention_fake(q, k, v, causal, softmax_scale):
     _validate.scale(softmax_scale, "softmax_scale")
     return _outputs(q, k, v)
 
+
+attention_cuda = _attention_cuda
 
 for _name in ("attention_fwd", "attention_fwd_nograd"):
     _lib.impl(_name, _attention_cpu, "CPU")
@@ -158,10 +205,9 @@ def _sparsek_cuda(q, k, v, u, k_budget, window, gate, softmax_scale):
     _validate.sparsek_params(k_budget, window, gate)
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     out, lse = _outputs(q, k, v)
-    stream = torch.cuda.current_stream(q.device).cuda_stream
     _C.sparsek_attention_forward(
         _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
-        k_budget, window, gate, softmax_scale, stream,
+        k_budget, window, gate, softmax_scale, _stream(q),
     )
     return out, lse
 
@@ -180,9 +226,6 @@ for _name in ("sparsek_fwd", "sparsek_fwd_nograd"):
 
 
 # ---- backward -----------------------------------------------------------------------------------
-
-def _stream(q: torch.Tensor) -> int:
-    return torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
 
 
 def _lse_grad(dlse: Optional[torch.Tensor]):

@@ -1,7 +1,6 @@
 // SparseK forward on CUDA: the selection plan (dispatch/sparsek_plan.h: score check, radix sort,
 // thresholds, per-block key lists) -> fused attention kernel, all on the caller's stream. Scratch
-// memory comes from the stream-ordered allocator (cudaMallocAsync), so repeated calls reuse the
-// pool instead of calling cudaMalloc.
+// memory comes from libbsk's stream-ordered pool (dispatch/workspace.h), never cudaMalloc.
 // Four kernel instantiations per path (2 dtypes x 2 head dims): sm90 (Hopper) where the dense
 // path selection picks Hopper (hopper_path_selected), sm80 elsewhere.
 #include <string>

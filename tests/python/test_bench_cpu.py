@@ -273,3 +273,31 @@ def test_main_flow_with_cuda_faked_on_cpu(monkeypatch, tmp_path, capsys):
                                       reason="RuntimeError: graph capture faked off")
         cudnn = r["peers"]["sdpa-cudnn"]  # no cuDNN kernel for CPU tensors: a recorded reason
         assert cudnn["available"] is False and "RuntimeError" in cudnn["reason"]
+
+
+def test_latency_suite_matches_rulebook_and_renders():
+    from blackwell_sparsek import bench_latency as bl
+
+    assert sorted(bl.SHAPES) == [(1, 64), (1, 128), (128, 64), (128, 128)]
+    assert (bl.B, bl.H) == (1, 8)
+    calls = {"a": 0, "b": 0}
+
+    def a():
+        calls["a"] += 1
+
+    def b():
+        calls["b"] += 1
+        return 1234  # reports its own host time (ns)
+
+    samples = bl.time_round_robin({"a": a, "b": b}, reps=3) if torch.cuda.is_available() else None
+    if samples is not None:
+        assert calls == {"a": 23, "b": 23} and samples["b"]["host"] == [1234] * 3
+    row = dict(peer="ours", rel_err=1e-4, limit=2e-4, ok=True,
+               host=bl.summarize([1000, 2000, 3000]), total=bl.summarize([5000] * 3))
+    report = dict(env={"gpu": "X"}, reps=3, results=[dict(
+        S=1, D=64, rows=[row, dict(peer="sdpa-cudnn", error="RuntimeError: no kernel")],
+        breakdown=[dict(layer="front door", host=bl.summarize([1500]))])])
+    md = bl.render(report)
+    assert "| 1 | 64 | ours | 2.0 (2.0) | 5.0 (5.0) |" in md
+    assert "sdpa-cudnn | - | - | RuntimeError: no kernel" in md
+    assert "- front door: 1.5 (1.5)" in md

@@ -289,3 +289,36 @@ def test_no_keys_gives_zero_rows():
             torch.cuda.synchronize()
             assert torch.equal(out, torch.zeros_like(out))
             assert torch.equal(lse, torch.full_like(lse, -math.inf))
+
+
+def test_direct_eager_path_only_when_nothing_watches():
+    """Plain eager calls skip the torch dispatcher (ops.direct_call_ok); anything that watches
+    or transforms calls still sees the op, and both routes give the same bits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from blackwell_sparsek import ops
+
+    q, k, v = (randn((2, 33, 4, 64), torch.float16, s) for s in (1, 2, 3))
+    assert ops.direct_call_ok(q, k, v)
+    direct = bsk.attention(q, k, v, causal=True)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        assert not ops.direct_call_ok(q, k, v)
+        via_op = bsk.attention(q, k, v, causal=True)
+    assert any("blackwell_sparsek.attention_fwd_nograd" in n for n in seen.names), seen.names
+    assert torch.equal(direct, via_op)
+    qg = q.clone().requires_grad_()
+    assert not ops.direct_call_ok(qg, k, v)
+    with torch.no_grad():
+        assert ops.direct_call_ok(qg, k, v)
+    assert not ops.direct_call_ok(q.cpu(), k, v)
+    assert not ops.direct_call_ok(torch.nn.Parameter(q), k, v)

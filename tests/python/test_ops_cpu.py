@@ -307,3 +307,10 @@ def test_error_mapping_keeps_message():
     with pytest.raises(ValueError) as info:
         bsk.attention(q, k, v[:, :3])
     assert str(info.value).startswith("bsk: argument 'v': ")
+
+
+def test_cpu_calls_go_through_the_op():
+    from blackwell_sparsek import ops
+
+    t = torch.zeros(1, 2, 1, 8)
+    assert not ops.direct_call_ok(t, t, t)
