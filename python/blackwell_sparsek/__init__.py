@@ -151,6 +151,9 @@ def sdpa(
             "pass enable_gqa=True for grouped-query attention"
         )
     try:
+        if ops.direct_call_ok(query, key, value) and (
+                not is_causal or query.shape[2] == key.shape[2]):
+            return ops.attention_cuda_bhsd(query, key, value, is_causal, scale)
         return _sdpa_bshd(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                           is_causal, scale).transpose(1, 2)
     except ValueError as e:

@@ -31,6 +31,13 @@ kernels, same fake implementations), which the front doors in ``blackwell_sparse
 input needs a gradient. Called with inputs that need one, the twins give torch's "no autograd
 kernel" warning and a result without a gradient.
 
+Eager calls without the dispatcher: for plain CUDA tensors that need no gradient, with nothing
+that watches or transforms calls active (``direct_call_ok``), the front doors (``attention``,
+``sdpa``, the Hugging Face backend) call the CUDA implementation themselves (``attention_cuda``,
+``attention_cuda_bhsd``): the dispatcher would only route the call there, and it cost as much as
+the rest of a small call. Everything else (torch.compile, modes, autograd, functorch, the
+profiler) goes through the ops.
+
 The fake implementations check every shape, dtype and device rule (blackwell_sparsek._validate),
 so torch.compile rejects what eager would, and they refuse plain meta tensors: an op run on meta
 tensors outside tracing would hand back memory nobody computed.
@@ -47,7 +54,7 @@ from . import _C
 from . import _validate
 
 __all__ = ["attention_fwd", "sparsek_fwd", "attention_fwd_nograd", "sparsek_fwd_nograd",
-           "attention_bwd", "sparsek_bwd", "direct_call_ok", "attention_cuda", "stream_of"]
+           "attention_bwd", "sparsek_bwd", "direct_call_ok", "attention_cuda", "attention_cuda_bhsd", "stream_of"]
 
 _lib = torch.library.Library("blackwell_sparsek", "DEF")
 _ATTENTION_ARGS = "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale)"
@@ -88,23 +95,19 @@ def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, with_lse: bool =
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of a CUDA BSHD tensor that only breaks the 16-byte alignment rule."""
+    """A contiguous copy of a CUDA 4-D tensor (BSHD, or BHSD for sdpa) that only breaks the
+    16-byte alignment rule; otherwise t itself. Few torch calls: this runs on every call."""
     if t.is_contiguous() and t.data_ptr() % 16 == 0:
-        # The common case in two calls: a contiguous tensor's strides are multiples of its head
-        # dim, which libbsk requires to be 64 or 128 on CUDA (and rejects otherwise).
+        # A contiguous tensor's strides are multiples of its head dim, which libbsk requires to
+        # be 64 or 128 on CUDA (and rejects otherwise).
         return t
-    if (
-        t.dim() == 4
-        and t.dtype in _KERNEL_DTYPES
-        and t.numel() > 0
-        and (t.stride(3) == 1 or t.size(3) <= 1)
-        and (
-            t.data_ptr() % 16 != 0
-            or (t.size(0) > 1 and t.stride(0) % 8 != 0)
-            or (t.size(1) > 1 and t.stride(1) % 8 != 0)
-            or (t.size(2) > 1 and t.stride(2) % 8 != 0)
-        )
-    ):
+    if t.dim() != 4 or t.dtype not in _KERNEL_DTYPES:
+        return t  # libbsk names the rule
+    sz, st = t.shape, t.stride()
+    if (st[3] != 1 and sz[3] > 1) or 0 in sz:
+        return t
+    if (t.data_ptr() % 16 != 0 or (sz[0] > 1 and st[0] % 8 != 0)
+            or (sz[1] > 1 and st[1] % 8 != 0) or (sz[2] > 1 and st[2] % 8 != 0)):
         return t.clone(memory_format=torch.contiguous_format)
     return t
 
@@ -177,6 +180,19 @@ def _attention_fake(q, k, v, causal, softmax_scale):
 
 
 attention_cuda = _attention_cuda
+
+
+def attention_cuda_bhsd(q, k, v, causal, softmax_scale):
+    """``sdpa``'s direct call (direct_call_ok) on BHSD q, k, v: returns what the op route gives
+    (a BHSD view of a contiguous BSHD out) without the four transposes around it."""
+    if q.dim() != 4 or q.shape[2] > _validate.MAX_LEN:
+        _validate.attention(q, k, v, names=_validate.SDPA)
+    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+    B, H, S, D = q.shape
+    out = q.new_empty_strided((B, H, S, D), (S * H * D, D, H * D, 1))
+    _C.attention_forward(_dl(q), _dl(k), _dl(v), _dl(out), None, causal, softmax_scale,
+                         _stream(q), True)
+    return out
 
 for _name in ("attention_fwd", "attention_fwd_nograd"):
     _lib.impl(_name, _attention_cpu, "CPU")

@@ -20,6 +20,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "api/validate.h"
@@ -150,11 +151,25 @@ void check_budget(int64_t k) {
 
 // ---- bound functions ----
 
+// [B, H, S, D] -> the [B, S, H, D] view libbsk takes (dims 1 and 2 swapped; no data moves).
+bsk::TensorView bshd_of_bhsd(bsk::TensorView t) {
+  if (t.ndim == 4) {
+    std::swap(t.shape[1], t.shape[2]);
+    std::swap(t.stride[1], t.stride[2]);
+  }
+  return t;
+}
+
 void attention_forward(const Array& q, const Array& k, const Array& v, const Array& out,
                        const Array& lse, bool causal, std::optional<double> softmax_scale,
-                       std::uintptr_t stream) {
-  const bsk::TensorView tq = to_view(q, "q"), tk = to_view(k, "k"), tv = to_view(v, "v"),
-                        to = to_view(out, "out");
+                       std::uintptr_t stream, bool bhsd) {
+  // bhsd: q, k, v and out arrive as [B, H, S, D] (torch's SDPA layout), which saves the front
+  // door four transposes, each a torch dispatcher call.
+  const auto view = [bhsd](const Array& a, const char* name) {
+    return bhsd ? bshd_of_bhsd(to_view(a, name)) : to_view(a, name);
+  };
+  const bsk::TensorView tq = view(q, "q"), tk = view(k, "k"), tv = view(v, "v"),
+                        to = view(out, "out");
   bsk::TensorView tl;
   const bool has_lse = lse.is_valid();
   if (has_lse) tl = to_view(lse, "lse");
@@ -502,9 +517,11 @@ NB_MODULE(_C, m) {
   m.def("attention_forward", &attention_forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse").none(), nb::arg("causal") = false,
         nb::arg("softmax_scale").none() = nb::none(), nb::arg("stream") = 0,
+        nb::arg("bhsd") = false,
         "Dense attention forward into `out` (and `lse` unless None). BSHD q [B,Sq,Hq,D], k/v "
-        "[B,Skv,Hkv,D]; causal is bottom-right aligned; softmax_scale None means 1/sqrt(D). CUDA "
-        "work is queued on `stream` (a cudaStream_t as int, 0 = legacy default) and not waited for.");
+        "[B,Skv,Hkv,D] (with bhsd=True, q/k/v/out are [B,H,S,D] views instead); causal is "
+        "bottom-right aligned; softmax_scale None means 1/sqrt(D). CUDA work is queued on "
+        "`stream` (a cudaStream_t as int, 0 = legacy default) and not waited for.");
   m.def("attention_backward", &attention_backward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("out"), nb::arg("lse"), nb::arg("dout"), nb::arg("dq"), nb::arg("dk"),
         nb::arg("dv"), nb::arg("causal") = false,

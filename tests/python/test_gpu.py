@@ -316,6 +316,14 @@ def test_direct_eager_path_only_when_nothing_watches():
         via_op = bsk.attention(q, k, v, causal=True)
     assert any("blackwell_sparsek.attention_fwd_nograd" in n for n in seen.names), seen.names
     assert torch.equal(direct, via_op)
+    # sdpa's direct call reads the BHSD views as they are; the op route transposes them.
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    for causal in (False, True):
+        direct = bsk.sdpa(qh, kh, vh, is_causal=causal)
+        with Seen():
+            via_op = bsk.sdpa(qh, kh, vh, is_causal=causal)
+        assert direct.shape == via_op.shape and direct.stride() == via_op.stride()
+        assert torch.equal(direct, via_op)
     qg = q.clone().requires_grad_()
     assert not ops.direct_call_ok(qg, k, v)
     with torch.no_grad():

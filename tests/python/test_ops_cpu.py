@@ -314,3 +314,19 @@ def test_cpu_calls_go_through_the_op():
 
     t = torch.zeros(1, 2, 1, 8)
     assert not ops.direct_call_ok(t, t, t)
+
+
+def test_c_attention_forward_takes_bhsd_views():
+    """_C.attention_forward(..., bhsd=True) reads q/k/v/out as [B, H, S, D] (sdpa's direct call):
+    the same numbers as the BSHD call on the transposed views."""
+    from torch.utils.dlpack import to_dlpack as dl
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g, dtype=torch.float64) for n in (5, 7, 7))
+    k, v = k[:, :2], v[:, :2]  # GQA 4/2
+    out = torch.full((2, 4, 5, 16), float("nan"), dtype=torch.float64)
+    _C.attention_forward(dl(q), dl(k), dl(v), dl(out), None, True, None, 0, True)
+    ref = torch.empty(2, 5, 4, 16, dtype=torch.float64)
+    _C.attention_forward(dl(q.transpose(1, 2)), dl(k.transpose(1, 2)), dl(v.transpose(1, 2)),
+                         dl(ref), None, True, None, 0)
+    assert torch.equal(out, ref.transpose(1, 2))
