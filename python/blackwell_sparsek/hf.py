@@ -278,12 +278,6 @@ def attention_forward(
             causal = bool(kind == "causal" and sq > 1)
     if reason is None:
         try:
-            if _bsk.ops.direct_call_ok(query, key, value):
-                # The BHSD inputs as they are (no transposes: each is a dispatcher call), the
-                # [B, Sq, Hq, D] output the model expects; causal stays bottom-right aligned.
-                scale = _bsk._validate.scale(scaling, "scaling")
-                out = _bsk.ops.attention_cuda_bhsd(query, key, value, causal, scale)
-                return out.transpose(1, 2), None
             out = _bsk.attention(query.transpose(1, 2), key.transpose(1, 2),
                                  value.transpose(1, 2), causal=causal, softmax_scale=scaling)
             return out, None

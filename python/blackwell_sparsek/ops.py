@@ -54,7 +54,8 @@ from . import _C
 from . import _validate
 
 __all__ = ["attention_fwd", "sparsek_fwd", "attention_fwd_nograd", "sparsek_fwd_nograd",
-           "attention_bwd", "sparsek_bwd", "direct_call_ok", "attention_cuda", "attention_cuda_bhsd", "stream_of"]
+           "attention_bwd", "sparsek_bwd", "direct_call_ok", "attention_cuda",
+           "attention_cuda_bhsd", "stream_of"]
 
 _lib = torch.library.Library("blackwell_sparsek", "DEF")
 _ATTENTION_ARGS = "(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale)"
