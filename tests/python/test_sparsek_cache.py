@@ -333,3 +333,15 @@ def test_cuda_fused_step_equals_append_then_attend(kind):
     for name in ("k_cache", "v_cache", "slot_u", "cand_u", "cand_pos", "cand_row", "tau", "counts"):
         assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), name
     caches[0].check()
+
+
+def test_inputs_that_need_grad_are_refused_outside_no_grad():
+    c = bsk.SparseKCache(1, 1, 64, k_budget=4, window=4, dtype=torch.float32, device="cpu")
+    k = torch.randn(1, 1, 1, 64, requires_grad=True)
+    v, u = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1)
+    with pytest.raises(NotImplementedError, match="k_new.*not differentiable"):
+        c.append(k, v, u)
+    with torch.no_grad():
+        c.append(k, v, u)
+        out = c.step(torch.randn(1, 1, 2, 64), k, v, u)
+    assert torch.isfinite(out).all() and not out.requires_grad
