@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU call: the Python package built for sm_90a, the seed and long benchmark suites with
-# peers (sdpa-flash, sdpa-cudnn) in the same process, once per dense path (BSK_DENSE_PATH), then
+# One GPU call: the Python package built for sm_90a, the seed, long and latency benchmark suites
+# with peers (sdpa-flash, sdpa-cudnn) in the same process, once per dense path (BSK_DENSE_PATH), then
 # the package's GPU tests (every test on both dense kernel families). Results under $OUT/bench.
 # Env: BSK_WHEELS as for gpu_check.sh; SM90_BENCH_PATHS (default "sm90 sm80"); SM90_SUITES
-# (default "seed long"); SM90_PEERS (default: all of the benchmark's peers); SM90_PYTEST_TIMEOUT
+# (default "seed long latency"); SM90_PEERS (default: all of the benchmark's peers); SM90_PYTEST_TIMEOUT
 # (seconds, default 150).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,11 +16,16 @@ BSK_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation . >"$OUT/insta
   { tail -30 "$OUT/install.log"; exit 1; }
 echo "install: $((SECONDS - t0))s"
 for path in ${SM90_BENCH_PATHS:-sm90 sm80}; do
-  for suite in ${SM90_SUITES:-seed long}; do
+  for suite in ${SM90_SUITES:-seed long latency}; do
     mkdir -p "$OUT/bench/$path"
-    BSK_DENSE_PATH=$path python3 -m blackwell_sparsek.bench --suite "$suite" \
-      ${SM90_PEERS:+--peers "$SM90_PEERS"} --out "$OUT/bench/$path" \
-      >"$OUT/bench_${path}_$suite.log" 2>&1
+    if [ "$suite" = latency ]; then  # its own module (one call at a time, its own peers)
+      BSK_DENSE_PATH=$path python3 -m blackwell_sparsek.bench_latency --out "$OUT/bench/$path" \
+        >"$OUT/bench_${path}_$suite.log" 2>&1
+    else
+      BSK_DENSE_PATH=$path python3 -m blackwell_sparsek.bench --suite "$suite" \
+        ${SM90_PEERS:+--peers "$SM90_PEERS"} --out "$OUT/bench/$path" \
+        >"$OUT/bench_${path}_$suite.log" 2>&1
+    fi
     echo "== $path $suite rc=$? ($((SECONDS - t0))s)"
     grep -h -E '^\|' "$OUT"/bench/$path/$suite-*.md
   done
