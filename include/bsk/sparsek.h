@@ -31,8 +31,8 @@ struct SparseKParams {
 // the selection and the fused kernel on `stream`; the call synchronizes once with the stream to
 // report bad scores as an error (non-finite; or, with gate kKeyValue or kValue and a selection to
 // make, a (batch, KV head) whose scores span more than 2^20), and takes scratch memory from
-// libbsk's stream-ordered pool (bsk/attention.h says more) (about 40 bytes per score plus (min(k, Skv) + 128) * 4 bytes per 128
-// query positions per KV head).
+// libbsk's stream-ordered pool (bsk/attention.h): about 40 bytes per score plus
+// (min(k, Skv) + 128) * 4 bytes per 128 query positions per KV head.
 void sparsek_attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                                const TensorView& u, const TensorView& out, const TensorView* lse,
                                const SparseKParams& params, Stream stream = nullptr);

@@ -95,25 +95,18 @@ def attention(
     _validate.inputs(("q", q), ("k", k), ("v", v))
     _validate.boolean(causal, "causal")
     _validate.scale(softmax_scale, "softmax_scale")
-    if ops.direct_call_ok(q, k, v):
-        out, lse = ops.attention_cuda(q, k, v, causal, softmax_scale, return_lse)
-    else:
-        fwd = _attention_fwd if _needs_grad(q, k, v) else _attention_fwd_nograd
-        out, lse = fwd(q, k, v, causal, softmax_scale)
+    out, lse = _attention_forward(q, k, v, causal, softmax_scale, return_lse)
     return (out, lse) if return_lse else out
 
 
-def _attention_forward(q, k, v):
-    """What runs a dense forward on these inputs when lse is not wanted: the CUDA implementation
-    itself for a plain eager call (ops.direct_call_ok), else the differentiable op or its
+def _attention_forward(q, k, v, causal, softmax_scale, with_lse):
+    """(out, lse) of a dense forward: the CUDA implementation itself for a plain eager call
+    (ops.direct_call_ok; lse None unless with_lse), else the differentiable op or its
     autograd-free twin."""
     if ops.direct_call_ok(q, k, v):
-        return _attention_cuda_no_lse
-    return _attention_fwd if _needs_grad(q, k, v) else _attention_fwd_nograd
-
-
-def _attention_cuda_no_lse(q, k, v, causal, softmax_scale):
-    return ops.attention_cuda(q, k, v, causal, softmax_scale, False)
+        return ops.attention_cuda(q, k, v, causal, softmax_scale, with_lse)
+    fwd = _attention_fwd if _needs_grad(q, k, v) else _attention_fwd_nograd
+    return fwd(q, k, v, causal, softmax_scale)
 
 
 def sdpa(
@@ -170,18 +163,17 @@ _SDPA_NAMES = re.compile(r"argument '(q|k|v|softmax_scale)'")
 
 
 def _sdpa_bshd(q, k, v, is_causal, scale):
-    fwd = _attention_forward(q, k, v)
     sq, skv = q.shape[1], k.shape[1]
     if not is_causal or sq == skv:
-        out, _ = fwd(q, k, v, is_causal, scale)
+        out, _ = _attention_forward(q, k, v, is_causal, scale, False)
     elif sq < skv:
         # Top-left: row t sees keys j <= t < Sq, so keys from Sq on are never used, and on the
         # first Sq keys top-left and bottom-right alignment coincide.
-        out, _ = fwd(q, k[:, :sq], v[:, :sq], True, scale)
+        out, _ = _attention_forward(q, k[:, :sq], v[:, :sq], True, scale, False)
     else:
         # Sq > Skv: rows t < Skv are the square causal problem, later rows see every key.
-        head, _ = fwd(q[:, :skv], k, v, True, scale)
-        tail, _ = fwd(q[:, skv:], k, v, False, scale)
+        head, _ = _attention_forward(q[:, :skv], k, v, True, scale, False)
+        tail, _ = _attention_forward(q[:, skv:], k, v, False, scale, False)
         out = torch.cat((head, tail), dim=1)
     return out
 

@@ -25,16 +25,17 @@ import time
 import torch
 import torch.nn.functional as F
 
+import blackwell_sparsek as bsk
+
+from . import _C, ops
 from .bench import capture_env, env_line, gpu_warmup, math_sdpa, rel_err, save_suite
 
 SHAPES = [(S, D) for S in (1, 128) for D in (64, 128)]
 B, H = 1, 8
-PEERS = ("ours", "ours-sdpa", "sdpa-flash", "sdpa-cudnn")
 
 
 def peer_fns(q, k, v):
-    """name -> (fn() -> BSHD out, context factory held around the whole run of that peer)."""
-    import blackwell_sparsek as bsk
+    """name -> (fn() -> BSHD out, context factory entered around each of that peer's calls)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     return {
@@ -51,9 +52,8 @@ def breakdown_fns(q, k, v):
     """The layers of our call, outermost first (host time is what they differ in)."""
     from torch.utils.dlpack import to_dlpack as dl
 
-    from . import _C, ops
     op = torch.ops.blackwell_sparsek.attention_fwd_nograd
-    stream = torch.cuda.current_stream().cuda_stream
+    stream = ops.stream_of(q)
     out, lse = ops._outputs(q, k, v)
 
     def c_call():  # capsules are single-use, so they are made per call, outside the clock
@@ -62,7 +62,6 @@ def breakdown_fns(q, k, v):
         _C.attention_forward(*caps, False, None, stream)
         return time.perf_counter_ns() - t0
 
-    import blackwell_sparsek as bsk
     return {
         "front door (blackwell_sparsek.attention)": lambda: bsk.attention(q, k, v),
         "torch op (attention_fwd_nograd)": lambda: op(q, k, v, False, None),

@@ -31,12 +31,9 @@ __all__ = ["SparseKCache"]
 
 
 def _cap(t, name: str):
-    _validate.tensor(t, name)
-    if t.requires_grad and torch.is_grad_enabled():
-        # The cache is not differentiable: refuse rather than return a result without a gradient
-        # (torch's __dlpack__, which nanobind used to call, refused too; to_dlpack does not).
-        _validate.fail(name, "requires grad, but SparseKCache is not differentiable; call it "
-                             "under torch.no_grad() or pass a detached tensor", NotImplementedError)
+    # Refuses inputs that need a gradient: the cache is not differentiable (torch's __dlpack__,
+    # which nanobind used to call, refused them too; to_dlpack does not).
+    _validate.detached((name, t), what="SparseKCache")
     return _dl(t)
 
 

@@ -122,7 +122,6 @@ def stream_of(t: torch.Tensor) -> int:
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-_stream = stream_of
 
 
 def direct_call_ok(q, k, v) -> bool:
@@ -130,8 +129,8 @@ def direct_call_ok(q, k, v) -> bool:
     instead of going through the torch dispatcher, which would only route it there: plain CUDA
     tensors that need no gradient, with nothing that watches or transforms calls active
     (torch.compile tracing, jit tracing, torch-function or dispatch modes, functorch transforms,
-    the autograd profiler). The dispatcher cost ~14 us per small call on the lent H100's host,
-    these checks ~4-8 us there (latency suite, bench/results); anything unusual keeps the op.
+    the autograd profiler). The dispatcher cost 7-14 us per small call on the lent H100's host,
+    these checks 3-6 us there (latency suite, bench/results); anything unusual keeps the op.
     torch.compiler.is_compiling() comes first: dynamo folds it to True, so a traced front door
     never looks further."""
     if (torch.compiler.is_compiling() or _jit_tracing() or _dispatch_modes()
@@ -160,7 +159,7 @@ def _attention_cpu(q, k, v, causal, softmax_scale):
     return out, lse
 
 
-def _attention_cuda(q, k, v, causal, softmax_scale, with_lse=True):
+def attention_cuda(q, k, v, causal, softmax_scale, with_lse=True):
     """The ops' CUDA implementation, also called directly by the front doors (direct_call_ok),
     which pass with_lse=False when the caller does not want lse (then None: one allocation
     less)."""
@@ -170,7 +169,7 @@ def _attention_cuda(q, k, v, causal, softmax_scale, with_lse=True):
     out, lse = _outputs(q, k, v, with_lse)
     # No torch.cuda.device context: libbsk makes q's device current itself (and restores it).
     _C.attention_forward(_dl(q), _dl(k), _dl(v), _dl(out), None if lse is None else _dl(lse),
-                         causal, softmax_scale, _stream(q))
+                         causal, softmax_scale, stream_of(q))
     return out, lse
 
 
@@ -178,9 +177,6 @@ def _attention_fake(q, k, v, causal, softmax_scale):
     _validate.attention(q, k, v)
     _validate.scale(softmax_scale, "softmax_scale")
     return _outputs(q, k, v)
-
-
-attention_cuda = _attention_cuda
 
 
 def attention_cuda_bhsd(q, k, v, causal, softmax_scale):
@@ -192,12 +188,12 @@ def attention_cuda_bhsd(q, k, v, causal, softmax_scale):
     B, H, S, D = q.shape
     out = q.new_empty_strided((B, H, S, D), (S * H * D, D, H * D, 1))
     _C.attention_forward(_dl(q), _dl(k), _dl(v), _dl(out), None, causal, softmax_scale,
-                         _stream(q), True)
+                         stream_of(q), True)
     return out
 
 for _name in ("attention_fwd", "attention_fwd_nograd"):
     _lib.impl(_name, _attention_cpu, "CPU")
-    _lib.impl(_name, _attention_cuda, "CUDA")
+    _lib.impl(_name, attention_cuda, "CUDA")
     torch.library.register_fake("blackwell_sparsek::" + _name, _attention_fake, lib=_lib)
 
 
@@ -224,7 +220,7 @@ def _sparsek_cuda(q, k, v, u, k_budget, window, gate, softmax_scale):
     out, lse = _outputs(q, k, v)
     _C.sparsek_attention_forward(
         _dl(q), _dl(k), _dl(v), _dl(u), _dl(out), _dl(lse),
-        k_budget, window, gate, softmax_scale, _stream(q),
+        k_budget, window, gate, softmax_scale, stream_of(q),
     )
     return out, lse
 
@@ -263,7 +259,7 @@ def _grads(q, k, v):
 
 
 def _attention_bwd_impl(q, k, v, out, lse, dout, dlse, causal, softmax_scale):
-    stream = _stream(q)
+    stream = stream_of(q)
     q, k, v, dout = _bwd_inputs(q, k, v, dout.contiguous())
     dq, dk, dv = _grads(q, k, v)
     _C.attention_backward(_dl(q), _dl(k), _dl(v), _dl(out), _dl(lse), _dl(dout),
@@ -279,7 +275,7 @@ def _attention_bwd_fake(q, k, v, out, lse, dout, dlse, causal, softmax_scale):
 
 def _sparsek_bwd_impl(q, k, v, u, out, lse, dout, dlse, k_budget, window, gate, softmax_scale):
     _validate.sparsek_params(k_budget, window, gate)
-    stream = _stream(q)
+    stream = stream_of(q)
     q, k, v, dout = _bwd_inputs(q, k, v, dout.contiguous())
     dq, dk, dv = _grads(q, k, v)
     du = torch.empty_like(u, memory_format=torch.contiguous_format)
