@@ -289,10 +289,18 @@ void sm90_variants(const Case& c, DType dt) {
   DenseFwdArgs a = buf.args;
   a.out = buf.ref;
   run_path<Elem>(DensePath::kSm80, a);  // reference output: the sm80 kernel
-  constexpr int kShippedStages = D == 64 ? 3 : 2;
-  sm90_variant<Config<CE, D, 128, kShippedStages>>("BN 128 (shipped)", c, buf);
-  sm90_variant<Config<CE, D, 128, kShippedStages, true>>("BN 128, ping-pong", c, buf);
-  if constexpr (D == 64) sm90_variant<Config<CE, D, 128, 2>>("BN 128, 2 stages", c, buf);
+  // The shipped configuration (src/dispatch/dense_fwd_dispatch.cu) and one change at a time.
+  constexpr int kSt = 2, kBM = D == 64 ? 192 : 128;
+  constexpr bool kOv = D != 64;
+  sm90_variant<Config<CE, D, 128, kSt, false, kOv, kBM>>("shipped", c, buf);
+  sm90_variant<Config<CE, D, 128, kSt, false, kOv, kBM, false>>("round robin (no snake)", c, buf);
+  sm90_variant<Config<CE, D, 128, kSt, true, true, 128>>("BM 128, ping-pong", c, buf);
+  if constexpr (D == 64) {
+    sm90_variant<Config<CE, D, 128, 3, false, true, 128>>("BM 128, 3 stages, tile overlap", c, buf);
+    sm90_variant<Config<CE, D, 128, 3, false, false, 192>>("3 stages", c, buf);
+  } else {
+    sm90_variant<Config<CE, D, 128, kSt, false, false, kBM>>("no tile overlap", c, buf);
+  }
 }
 
 int paths() {
@@ -329,10 +337,16 @@ int paths() {
   std::printf("\n| case | sm90 config | ms | TFLOP/s | max|diff| vs sm80 |\n|---|---|---:|---:|---:|\n");
   sm90_variants<__half, 64>(Case{"seed B16 S512 H96 D64 fp16", 16, 512, 96, 96, 64, false},
                             DType::kFloat16);
+  sm90_variants<__half, 64>(Case{"B16 S1024 H32 D64 fp16 causal", 16, 1024, 32, 32, 64, true},
+                            DType::kFloat16);
   sm90_variants<__nv_bfloat16, 128>(Case{"long B8 S4096 32/8 D128", 8, 4096, 32, 8, 128, false},
                                     DType::kBFloat16);
   sm90_variants<__nv_bfloat16, 128>(
       Case{"long B2 S16384 32/8 D128 causal", 2, 16384, 32, 8, 128, true}, DType::kBFloat16);
+  sm90_variants<__nv_bfloat16, 128>(
+      Case{"long B32 S1024 32/32 D128 causal", 32, 1024, 32, 32, 128, true}, DType::kBFloat16);
+  sm90_variants<__nv_bfloat16, 128>(
+      Case{"long B1 S32768 32/32 D128 causal", 1, 32768, 32, 32, 128, true}, DType::kBFloat16);
   set_dense_path_override(DensePath::kAuto);
   return ok ? 0 : 1;
 }

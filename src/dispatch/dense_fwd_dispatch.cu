@@ -38,12 +38,18 @@ void dispatch_head_dim(const DenseFwdArgs& a, cudaStream_t stream) {
   }
 }
 
-// Hopper path: 128 query rows per tile (2 consumer warpgroups), 128 keys per block; K/V stages:
-// 3 at head dim 64 (+3% on the seed shape), 2 at head dim 128 (a third does not fit beside the
-// two Q buffers and the output staging). bench/results/tuning.md has the measurements.
+// Hopper path, 128 keys per block. Head dim 64: 192 query rows per tile (3 consumer warpgroups:
+// more warps to hide the softmax's latency), 2 K/V stages (-6% time on the seed shape against
+// 3, +4% at S=1024 causal: the seed suite decides), and no overlap
+// from one tile into the next (with it the consumers need more than their 160 registers and
+// spill). Head dim 128: 128 rows (a third warpgroup's accumulators do not fit), 2 stages (a
+// third does not fit beside the two Q buffers and the output staging), tile overlap on. Both
+// take tiles in snake order (+35% at S=1024 causal). bench/results/tuning.md has the numbers.
 template <typename Elem, int kHeadDim>
-using DenseFwdSm90Config = kernels::sm90::Config<typename CuteElem<Elem>::type, kHeadDim,
-                                                 /*kBlockN=*/128, /*kStages=*/kHeadDim == 64 ? 3 : 2>;
+using DenseFwdSm90Config =
+    kernels::sm90::Config<typename CuteElem<Elem>::type, kHeadDim, /*kBlockN=*/128,
+                          /*kStages=*/2, /*kPingPong=*/false,
+                          /*kOverlapTiles=*/kHeadDim != 64, /*kBlockM=*/kHeadDim == 64 ? 192 : 128>;
 
 template <typename Elem>
 void dispatch_head_dim_sm90(const DenseFwdArgs& a, cudaStream_t stream) {

@@ -40,11 +40,12 @@ inline int64_t tma_stride(int64_t stride, int64_t size) {
 inline bool sm90_supports(const DenseFwdArgs& a) {
   const int64_t qsz[3] = {a.batch, a.seqlen_q, a.heads_q};
   const int64_t ksz[3] = {a.batch, a.seqlen_k, a.heads_kv};
-  // The persistent scheduler counts tiles of 128 query rows in an int.
+  // The persistent scheduler counts tiles (of 128 query rows or more) in an int, with room for
+  // one more round of CTAs (at most 1024 SMs).
   const int64_t tiles = (int64_t(a.seqlen_q) + 127) / 128 * a.heads_q * a.batch;
   // Empty problems stay on the sm80 path: a TMA descriptor cannot have a dimension of size 0.
   return a.batch > 0 && a.seqlen_q > 0 && a.seqlen_k > 0 && a.heads_q > 0 &&
-         (a.head_dim == 64 || a.head_dim == 128) && tiles < (int64_t(1) << 31) &&
+         (a.head_dim == 64 || a.head_dim == 128) && tiles < (int64_t(1) << 31) - 1024 &&
          tma_describable(a.q, a.q_stride, qsz) &&
          tma_describable(a.k, a.k_stride, ksz) && tma_describable(a.v, a.v_stride, ksz) &&
          tma_describable(a.out, a.out_stride, qsz);

@@ -2,8 +2,9 @@
 // wgmma, persistent CTAs. Written from scratch in the spirit of FlashAttention-3 /
 // ThunderKittens, much smaller.
 //
-// Work unit (tile): a kBlockM (=128) x D block of output for one (batch, query head). The grid
-// is persistent (one CTA per SM, static round-robin over tiles). One CTA = 3 warpgroups:
+// Work unit (tile): a kBlockM (128 or 192) x D block of output for one (batch, query head). The
+// grid is persistent (one CTA per SM, a static snake order over tiles). One CTA = 1 + kBlockM/64
+// warpgroups:
 //   warpgroup 0  producer: one thread issues every TMA load (Q per tile, then K and V blocks) into
 //                shared memory: Q double-buffered, K and V each in a kStages-deep ring. Each
 //                buffer completes on a "full" mbarrier (transaction count = bytes) and is
@@ -11,14 +12,15 @@
 //                its wgmma has read it. The producer runs ahead across tiles, so the next tile's
 //                Q and first K/V blocks load during this tile's last GEMMs and epilogue. It gives
 //                most of its registers away (setmaxnreg).
-//   warpgroups 1-2 consumers: each owns 64 query rows of the tile. Per KV block n:
+//   warpgroups 1.. consumers: each owns 64 query rows of the tile. Per KV block n:
 //                S = Q K^T   (wgmma, both operands in shared memory, f32 accumulators)
 //                -> mask (only blocks that cross the causal diagonal or the end of the keys)
 //                -> online softmax in registers (exp2 with the scale folded into one FFMA)
 //                -> O += P V (wgmma with P from registers: the S accumulator layout, converted
 //                   to 16-bit, is the A-operand register layout, so P never touches memory).
 //                Software-pipelined: S(n) and P(n-1) V(n-1) are issued back to back and the
-//                softmax of S(n) runs while P(n-1) V(n-1) is on the tensor cores. And the two
+//                softmax of S(n) runs while P(n-1) V(n-1) is on the tensor cores, across tiles
+//                too: the next tile's first Q K^T goes out with this tile's last P V. And the two
 //                consumer warpgroups can take turns issuing GEMMs (kPingPong: two named
 //                barriers), so one's softmax overlaps the other's GEMMs; measured slower here
 //                than letting the warp schedulers interleave them (bench/results/tuning.md), so
@@ -53,21 +55,34 @@ namespace bsk::kernels::sm90 {
 using namespace cute;
 
 template <typename Elem_, int kHeadDim_, int kBlockN_ = 128, int kStages_ = 2,
-          bool kPingPong_ = false>
+          bool kPingPong_ = false, bool kOverlapTiles_ = true, int kBlockM_ = 128,
+          bool kSnake_ = true>
 struct Config {
   using Elem = Elem_;  // cutlass::half_t or cutlass::bfloat16_t
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows (one wgmma M)
+  // One consumer warpgroup per 64 rows (one wgmma M): 2, or 3 for more warps in flight at head
+  // dim 64 (at 128 the third one's accumulators do not fit in the registers).
+  static constexpr int kBlockM = kBlockM_;
+  static_assert(kBlockM == 128 || (kBlockM == 192 && kHeadDim_ == 64));
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
   // Ping-pong: the two consumer warpgroups take turns issuing their GEMMs (named barriers), so
   // one's softmax runs while the other's GEMMs occupy the tensor cores instead of both
   // contending for the exp unit at the same time.
   static constexpr bool kPingPong = kPingPong_;
+  // A tile's first Q K^T and softmax overlap the previous tile's last P V (see the tail of the
+  // consumer loop). It keeps P' live through the epilogue: with three consumer warpgroups (160
+  // registers each) that spills, so it is off there.
+  static constexpr bool kOverlapTiles = kOverlapTiles_;
+  // Round-robin tile order reversed in every other round, so a CTA that drew a heavy causal
+  // tile draws a light one next and the CTAs stay in step (their working set in L2 narrow).
+  static constexpr bool kSnake = kSnake_;
   static constexpr int kConsumerWGs = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWGs);
-  // Register split after setmaxnreg: 128*24 + 256*240 = 64512 <= 65536.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // Register split after setmaxnreg: 128*24 + 256*240 = 64512 <= 65536; with three consumer
+  // warpgroups 128*32 + 384*160 = 65536 (the producer's loop spilled at 24 there).
+  static constexpr int kProducerRegs = kConsumerWGs == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
 
   using BM = Int<kBlockM>;
   using BN = Int<kBlockN>;
@@ -268,10 +283,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Cfg::SmemLayoutVt{});
 
-  // Persistent static schedule: CTA i takes tiles i, i + grid, ... Tile order: query block
-  // fastest (last block, the heaviest under a causal mask, first), then head, then batch, so
-  // the CTAs running at one time share a few heads' K/V in L2 and each CTA gets a mix of heavy
-  // and light causal tiles.
+  // Persistent static schedule: in round r, CTA i takes tile r * grid + i, or r * grid +
+  // grid - 1 - i in odd rounds (kSnake). Tile order: query block fastest (last block, the
+  // heaviest under a causal mask, first), then head, then batch, so the CTAs running at one time
+  // share a few heads' K/V in L2. Plain round robin gave the CTAs unequal causal work wherever
+  // the grid and the blocks per head share a factor (at S=1024, 132 CTAs and 8 blocks per head:
+  // some CTAs drew blocks 7 and 3 in turn, others 4 and 0); the snake pairs heavy with light.
   const int m_blocks = (p.seqlen_q + BM - 1) / BM;
   const int num_tiles = m_blocks * p.heads_q * p.batch;
   const int diag = p.seqlen_k - p.seqlen_q;  // query row t sees keys j <= t + diag
@@ -287,6 +304,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int n_end = p.causal ? min(p.seqlen_k, (x.m_block + 1) * BM + diag) : p.seqlen_k;
     x.n_blocks = n_end > 0 ? (n_end + BN - 1) / BN : 0;
     return x;
+  };
+
+  // This CTA's first tile, and the tile of round r + 1 given t, its tile of round r (at least
+  // num_tiles past the last round; no overflow: the launcher keeps num_tiles + gridDim.x below
+  // 2^31). Stepping from t keeps a single value live across a tile.
+  const int first_tile = blockIdx.x;
+  auto next_tile = [&](int t, int r) {
+    const int b = blockIdx.x, g = gridDim.x;
+    const int step = !Cfg::kSnake ? g : (r & 1) ? 2 * b + 1 : 2 * (g - b) - 1;
+    return min(t + step, num_tiles);
   };
 
   if (wg == 0) {
@@ -307,7 +334,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     constexpr uint32_t kQBytes = BM * D * sizeof(Elem), kKVBytes = BN * D * sizeof(Elem);
     int kv = 0;  // K/V blocks issued so far (ring position), over all tiles
     int lap_q = 0;
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, ++lap_q) {
+    for (int t = first_tile; t < num_tiles; t = next_tile(t, lap_q++)) {
       const Tile x = decode(t);
       const int hk = x.h / p.group;
       Tensor gQ = local_tile(mQ(_, _, x.h, x.b), Shape<Int<BM>, Int<D>>{}, make_coord(x.m_block, 0));
@@ -397,38 +424,50 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       for (int i = 0; i < size(rP); ++i) rP(i) = static_cast<Elem>(tSrS(i));
     };
 
-    int kv = 0;  // K/V blocks consumed so far, over all tiles (same count as the producer's)
-    int lap_q = 0;
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, ++lap_q) {
-      const Tile x = decode(t);
-      const int m0 = x.m_block * BM;
-      clear(tOrO);
+    auto reset_rows = [&] {
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) row_m[r] = kNegInf, row_l[r] = 0.f;
+    };
+    // S = Q K^T with Q from buffer qbuf (descriptors differ only in their start address).
+    auto qk = [&](int qbuf, auto const& k_stage) {
+      if (qbuf) wg_issue<true>(mma_qk, tSrQ1, k_stage, tSrS);
+      else wg_issue<true>(mma_qk, tSrQ0, k_stage, tSrS);
+    };
+
+    int kv = 0;  // K/V blocks consumed so far, over all tiles (same count as the producer's)
+    int lap_q = 0;
+    int t = first_tile;
+    // True when the current tile's first block already went through the softmax (its P in rP,
+    // O cleared): the previous tile's tail issued it (kOverlapTiles).
+    bool head_done = false;
+    for (; t < num_tiles; ++lap_q) {
+      // Only t is carried from tile to tile (registers are tight with three consumer
+      // warpgroups); the rest is decoded where it is used.
+      const Tile x = decode(t);
+      const int m0 = x.m_block * BM;
       const int qb = lap_q & 1;
-      Bar::wait(&ss.full_q[qb], (lap_q >> 1) & 1);
-      if (x.n_blocks == 0) Bar::arrive(&ss.empty_q[qb]);
-      // Q GEMM operand of this tile (descriptors differ only in their start address).
-      auto qk = [&](auto const& k_stage) {
-        if (qb) wg_issue<true>(mma_qk, tSrQ1, k_stage, tSrS);
-        else wg_issue<true>(mma_qk, tSrQ0, k_stage, tSrS);
-      };
+      if (!head_done) {
+        clear(tOrO);
+        reset_rows();
+        Bar::wait(&ss.full_q[qb], (lap_q >> 1) & 1);
+        if (x.n_blocks == 0) Bar::arrive(&ss.empty_q[qb]);
+        if (x.n_blocks > 0) {
+          const int s = kv % kStages;
+          Bar::wait(&ss.full_k[s], (kv / kStages) & 1);
+          turn_wait();
+          qk(qb, tSrK(_, _, _, s));
+          turn_pass();
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tSrS);
+          Bar::arrive(&ss.empty_k[s]);
+          if (x.n_blocks == 1) Bar::arrive(&ss.empty_q[qb]);
+          softmax(m0, 0);
+          convert_p();
+        }
+      }
 
       // Software pipeline within the warpgroup: S(n) = Q K(n)^T is issued before O += P(n-1)
       // V(n-1), and the softmax of S(n) runs while that P V product is on the tensor cores.
-      if (x.n_blocks > 0) {
-        const int s = kv % kStages;
-        Bar::wait(&ss.full_k[s], (kv / kStages) & 1);
-        turn_wait();
-        qk(tSrK(_, _, _, s));
-        turn_pass();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tSrS);
-        Bar::arrive(&ss.empty_k[s]);
-        if (x.n_blocks == 1) Bar::arrive(&ss.empty_q[qb]);
-        softmax(m0, 0);
-        convert_p();
-      }
       for (int n = 1; n < x.n_blocks; ++n) {
         const int ik = kv + n, iv = kv + n - 1;
         const int sk = ik % kStages, sv = iv % kStages;
@@ -437,7 +476,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         Bar::wait(&ss.full_k[sk], (ik / kStages) & 1);
         Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
         turn_wait();
-        qk(tSrK(_, _, _, sk));
+        qk(qb, tSrK(_, _, _, sk));
         wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
         turn_pass();
         warpgroup_wait<1>();  // S(n) is ready; P(n-1) V(n-1) may still run
@@ -455,7 +494,47 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           for (int c = 0; c < size<1>(O); ++c) O(r, c) *= corr[r];
         convert_p();
       }
-      if (x.n_blocks > 0) {
+
+      // Tail. A tile of a few key blocks would otherwise start with a Q K^T and a softmax that
+      // have no GEMM to overlap, and end with a P V that has none either (the seed shape has 4
+      // blocks per tile; bench/results/tuning.md, run 4). So the next tile's S(0) = Q' K'(0)^T
+      // is issued together with this tile's last P V, and its softmax runs while that product
+      // does; the next tile's Q and first K block are already loaded (Q is double-buffered and
+      // the producer runs ahead).
+      const int t_next = next_tile(t, lap_q);
+      const Tile xn = decode(t_next);  // meaningful only when t_next < num_tiles
+      const bool fuse = Cfg::kOverlapTiles && x.n_blocks > 0 && t_next < num_tiles &&
+                        xn.n_blocks > 0;
+      float fin_m[kRows], fin_l[kRows];  // this tile's softmax state, for the epilogue
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) fin_m[r] = row_m[r], fin_l[r] = row_l[r];
+      // Two separate paths rather than one with the Q K^T under a condition: ptxas serializes
+      // the wgmmas (warning C7514) when it cannot tell which accumulators are in flight.
+      if (fuse) {
+        const int iv = kv + x.n_blocks - 1, sv = iv % kStages;
+        const int ik = kv + x.n_blocks, sk = ik % kStages;  // the next tile's first K block
+        const int qbn = (lap_q + 1) & 1;
+        Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
+        Bar::wait(&ss.full_q[qbn], ((lap_q + 1) >> 1) & 1);
+        Bar::wait(&ss.full_k[sk], (ik / kStages) & 1);
+        turn_wait();
+        qk(qbn, tSrK(_, _, _, sk));
+        wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        turn_pass();
+        warpgroup_wait<1>();  // S'(0) is ready; the last P V may still run
+        warpgroup_fence_operand(tSrS);
+        Bar::arrive(&ss.empty_k[sk]);
+        if (xn.n_blocks == 1) Bar::arrive(&ss.empty_q[qbn]);
+        reset_rows();
+        softmax(xn.m_block * BM, 0);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(rP);
+        Bar::arrive(&ss.empty_v[sv]);
+        // P'(0) into its 16-bit registers now that the last P V has read them, so the S
+        // accumulators are free during the epilogue.
+        convert_p();
+      } else if (x.n_blocks > 0) {
         const int iv = kv + x.n_blocks - 1, sv = iv % kStages;
         Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
         turn_wait();
@@ -471,7 +550,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // ---- epilogue: normalize, LSE from registers, O through shared memory + TMA store ----
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        float l = row_l[r];
+        float l = fin_l[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const float inv = l > 0.f ? 1.f / l : 0.f;
@@ -480,7 +559,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         const int row = m0 + get<0>(cOrc(r, 0));
         if (p.lse != nullptr && tid % 4 == 0 && row < p.seqlen_q)
           p.lse[x.b * p.lse_sb + x.h * p.lse_sh + row * p.lse_ss] =
-              l > 0.f ? row_m[r] * p.softmax_scale + logf(l) : kNegInf;
+              l > 0.f ? fin_m[r] * p.softmax_scale + logf(l) : kNegInf;
       }
       // Each warpgroup stages and stores its own 64 rows, so the two never wait for each other
       // here (that would undo the ping-pong offset). The previous tile's TMA store must have read
@@ -502,6 +581,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         copy(p.tma_o, tma_o.partition_S(sOw), tma_o.partition_D(gO));
         tma_store_arrive();
       }
+      if (fuse) clear(tOrO);
+      head_done = fuse;
+      t = t_next;
     }
     // Warpgroup 1 passed the turn once more than warpgroup 0 took it; consume that arrival so
     // no named barrier is left half-arrived at exit.

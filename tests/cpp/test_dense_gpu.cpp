@@ -136,6 +136,12 @@ const GpuCase kGpuCases[] = {
     {"MQA_causal_bf16", 1, 130, 130, 8, 1, 64, true, DType::kBFloat16},
     {"BHSD_causal_fp16", 2, 200, 200, 4, 2, 64, true, DType::kFloat16, true},
     {"BHSD_bf16", 1, 150, 190, 4, 4, 128, false, DType::kBFloat16, true},
+    // More tiles (128 or 192 query rows) than an H100 has SMs (132), so the persistent sm90 kernel's
+    // CTAs run several tiles each and the overlap from one tile into the next is exercised,
+    // next to tiles with one key block and with none (rows that see no key).
+    {"ManyTiles_causal_bf16", 2, 1000, 1000, 12, 4, 128, true, DType::kBFloat16},
+    {"ManyTiles_SqGtSkv_causal_fp16", 3, 700, 300, 16, 4, 64, true, DType::kFloat16},
+    {"ManyTiles_fp16", 4, 520, 520, 12, 12, 64, false, DType::kFloat16},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, DenseGpuTest,
