@@ -38,23 +38,26 @@ void dispatch_head_dim(const DenseFwdArgs& a, cudaStream_t stream) {
   }
 }
 
-// Hopper path, 128 keys per block. Head dim 64: 192 query rows per tile (3 consumer warpgroups:
-// more warps to hide the softmax's latency), 2 K/V stages (-6% time on the seed shape against
-// 3, +4% at S=1024 causal: the seed suite decides), and no overlap
-// from one tile into the next (with it the consumers need more than their 160 registers and
-// spill). Head dim 128: 128 rows (a third warpgroup's accumulators do not fit), 2 stages (a
-// third does not fit beside the two Q buffers and the output staging), tile overlap on. Both
-// take tiles in snake order (+35% at S=1024 causal). bench/results/tuning.md has the numbers.
-template <typename Elem, int kHeadDim>
+// Hopper path, 128 keys per block, 2 K/V stages (a third measured within the noise at head dim
+// 64 and does not fit at 128 beside the two Q buffers and the output staging), tiles in snake
+// order (+35% at S=1024 causal). Head dim 128: 128 query rows per tile (2 consumer warpgroups;
+// a third one's accumulators do not fit), the next tile's first Q K^T issued with the last P V.
+// Head dim 64, non-causal: 192 rows (3 consumer warpgroups, more warps to hide the softmax's
+// latency; at or below 128 rows' time in every paired seed measurement), without the tile
+// overlap (with it the consumers need more than their 160 registers and spill). Head dim 64,
+// causal: 128 rows with the overlap, 6-8% faster than 192 at S=1024 (finer tiles along the
+// diagonal). bench/results/tuning.md has the numbers.
+template <typename Elem, int kHeadDim, int kBlockM = 128>
 using DenseFwdSm90Config =
     kernels::sm90::Config<typename CuteElem<Elem>::type, kHeadDim, /*kBlockN=*/128,
                           /*kStages=*/2, /*kPingPong=*/false,
-                          /*kOverlapTiles=*/kHeadDim != 64, /*kBlockM=*/kHeadDim == 64 ? 192 : 128>;
+                          /*kOverlapTiles=*/kBlockM == 128, kBlockM>;
 
 template <typename Elem>
 void dispatch_head_dim_sm90(const DenseFwdArgs& a, cudaStream_t stream) {
-  if (a.head_dim == 64) return launch_dense_fwd_sm90<DenseFwdSm90Config<Elem, 64>>(a, stream);
-  return launch_dense_fwd_sm90<DenseFwdSm90Config<Elem, 128>>(a, stream);
+  if (a.head_dim == 128) return launch_dense_fwd_sm90<DenseFwdSm90Config<Elem, 128>>(a, stream);
+  if (a.causal) return launch_dense_fwd_sm90<DenseFwdSm90Config<Elem, 64>>(a, stream);
+  return launch_dense_fwd_sm90<DenseFwdSm90Config<Elem, 64, 192>>(a, stream);
 }
 
 // BSK_DENSE_PATH, read once.
