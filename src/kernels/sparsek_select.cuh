@@ -170,6 +170,29 @@ __device__ __forceinline__ int block_compact(int n, int limit, Keep&& keep, Emit
   return seen;
 }
 
+// The first position in [lo, hi] where a monotone predicate holds (false ... false true ...
+// true; hi when it never does), by every thread of the block: each round samples kSelectThreads
+// evenly spaced positions and narrows the range to one gap, so 131072 positions take 3 rounds
+// of one load per thread instead of a binary search's 17 dependent loads.
+template <class Pred>
+__device__ __forceinline__ int block_search(int lo, int hi, Pred&& pred) {
+  while (lo < hi) {
+    const int step = (hi - lo + kSelectThreads - 1) / kSelectThreads;
+    const int pos = lo + static_cast<int>(threadIdx.x) * step;
+    // Samples before the answer form a prefix of the samples.
+    const int c = __syncthreads_count(pos < hi && !pred(pos));
+    const int next_lo = c == 0 ? lo : lo + (c - 1) * step + 1;
+    hi = min(hi, lo + c * step);
+    lo = next_lo;
+    if (step == 1) break;  // every position of the range was sampled: lo is the answer
+  }
+  return lo;
+}
+
+// Active band keys a chunk's tau bisection keeps in shared memory (the sparsek-prefill suite's
+// scores have at most ~7,000 within 1 of a threshold); more fall back to passes over global.
+constexpr int kBandCap = 8192;
+
 // The walk's state at the first m of a chunk, found by select_init_kernel.
 struct ChunkState {
   double ref;    // the anchor: the threshold score at m_begin; values below are relative to it
@@ -220,29 +243,43 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
   // Then pa = first position with u < tau0 + 1, pe = first with u <= tau0, and U, W and the band
   // sum among active keys at tau0 (values relative to ref = thr).
   if (p.soft) {
-    // First position at or after lo whose u - ref is below `bound` (or at it, if inclusive),
-    // in the walk's own relative arithmetic.
-    auto first_below = [&](int lo, double bound, bool inclusive) {  // su descending
-      int hi = p.n;
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        const double x = static_cast<double>(su[mid]) - st.ref;
-        if (inclusive ? x <= bound : x < bound) hi = mid; else lo = mid + 1;
-      }
-      return lo;
+    __shared__ float s_band[kBandCap];  // active keys of [p_hi, p_lo), in sorted order
+    __shared__ double s_f;
+    __shared__ int s_base;
+    // First position in [lo, hi] whose u - ref is below `bound` (or at it, if inclusive), in the
+    // walk's own relative arithmetic.
+    auto first_below = [&](int lo, int hi, double bound, bool inclusive) {  // su descending
+      return block_search(lo, hi, [&](int pos) {
+        const double x = static_cast<double>(su[pos]) - st.ref;
+        return inclusive ? x <= bound : x < bound;
+      });
     };
-    const int p_hi = first_below(0, 1.0, false);
-    const int p_lo = first_below(p_hi, -1.0, true);
+    const int p_hi = first_below(0, p.n, 1.0, false);
+    const int p_lo = first_below(p_hi, p.n, -1.0, true);
     int above = 0;
     for (int pos = threadIdx.x; pos < p_hi; pos += kSelectThreads) above += sj[pos] < m;
-    const double base = ReduceI(tmp.ri).Sum(above);
-    __shared__ double s_f;
+    above = ReduceI(tmp.ri).Sum(above);
+    if (threadIdx.x == 0) s_base = above;
+    __syncthreads();
+    const int base = s_base;
+    // The active keys of the band, once, so that the bisection and the counts below read shared
+    // memory instead of making a pass over global memory each.
+    const int nb = block_compact(p_lo - p_hi, INT_MAX, [&](int i) { return sj[p_hi + i] < m; },
+                                 [&](int i, int r) { if (r < kBandCap) s_band[r] = su[p_hi + i]; },
+                                 tmp.scan);
+    const bool in_smem = nb <= kBandCap;
+    __syncthreads();
     double lo = -1.0, hi = 0.0;  // f(lo) >= k > f(hi), relative to ref
     for (int it = 0; it < kBisect; ++it) {
       const double mid = 0.5 * (lo + hi);
       double part = 0.0;
-      for (int pos = p_hi + threadIdx.x; pos < p_lo; pos += kSelectThreads)
-        if (sj[pos] < m) part += fmin(fmax(static_cast<double>(su[pos]) - st.ref - mid, 0.0), 1.0);
+      if (in_smem) {
+        for (int i = threadIdx.x; i < nb; i += kSelectThreads)
+          part += fmin(fmax(static_cast<double>(s_band[i]) - st.ref - mid, 0.0), 1.0);
+      } else {
+        for (int pos = p_hi + threadIdx.x; pos < p_lo; pos += kSelectThreads)
+          if (sj[pos] < m) part += fmin(fmax(static_cast<double>(su[pos]) - st.ref - mid, 0.0), 1.0);
+      }
       __syncthreads();
       const double f = ReduceD(tmp.rd).Sum(part);
       if (threadIdx.x == 0) s_f = f + base;
@@ -250,22 +287,31 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
       if (s_f >= p.k) lo = mid; else hi = mid;
     }
     st.tau0 = lo;
-    st.pa = first_below(0, lo + 1.0, false);
-    st.pe = first_below(st.pa, lo, true);
+    // -1 <= lo < 0: every key before p_hi is at or above lo + 1 and every key from p_lo on at or
+    // below lo, so both cursors lie in [p_hi, p_lo].
+    st.pa = first_below(p_hi, p_lo, lo + 1.0, false);
+    st.pe = first_below(st.pa, p_lo, lo, true);
+    // U, W and the band sum among the active keys at lo: the keys before p_hi count in U and W;
+    // those of [p_hi, p_lo) by their relative score (the same comparisons that placed pa, pe).
     int u_part = 0, w_part = 0;
     double b_part = 0.0;
-#pragma unroll 4
-    for (int pos = threadIdx.x; pos < st.pe; pos += kSelectThreads) {
-      const bool active = sj[pos] < m;
-      const double x = static_cast<double>(su[pos]) - st.ref;
-      w_part += active;
-      u_part += active && pos < st.pa;
-      b_part += active && pos >= st.pa ? x : 0.0;
+    auto add = [&](double x) {
+      const bool in_u = !(x < lo + 1.0), in_w = !(x <= lo);
+      u_part += in_u;
+      w_part += in_w;
+      b_part += in_w && !in_u ? x : 0.0;
+    };
+    if (in_smem) {
+      for (int i = threadIdx.x; i < nb; i += kSelectThreads)
+        add(static_cast<double>(s_band[i]) - st.ref);
+    } else {
+      for (int pos = p_hi + threadIdx.x; pos < p_lo; pos += kSelectThreads)
+        if (sj[pos] < m) add(static_cast<double>(su[pos]) - st.ref);
     }
     __syncthreads();
-    st.U = ReduceI(tmp.ri).Sum(u_part);
+    st.U = base + ReduceI(tmp.ri).Sum(u_part);
     __syncthreads();
-    st.W = ReduceI(tmp.ri).Sum(w_part);
+    st.W = base + ReduceI(tmp.ri).Sum(w_part);
     __syncthreads();
     st.band = ReduceD(tmp.rd).Sum(b_part);
   }
