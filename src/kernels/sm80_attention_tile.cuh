@@ -179,6 +179,10 @@ struct AttnTile {
                                                float softmax_scale) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
+    // The staging rows are this warp's Q rows, which its lanes may still be reading (ldmatrix in
+    // qk when Q is not held in registers): order those reads before these writes (racecheck
+    // reported the hazard in the SparseK sm80 kernel).
+    __syncwarp();
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       Elem* const st = stage + (mt * Cfg::kWarps + warp) * 16 * D;
