@@ -337,13 +337,22 @@ __global__ void __launch_bounds__(64) select_walk_kernel(const SelectParams p,
   double band = st.band;
 
   double tau = st.tau0;  // relative to ref; f(tau) >= k holds here and after every activation
+  // The walk is one thread's chain of dependent loads, so the values at the cursors are kept in
+  // registers and reloaded only when a cursor moves, and the next key's rank and score are
+  // loaded a step ahead (the arrays never change): a step that moves no cursor waits for no load.
+  auto at_pe = [&] { return pe > 0 ? static_cast<double>(su[pe - 1]) - ref : INFINITY; };
+  auto at_pa = [&] { return pa > 0 ? (static_cast<double>(su[pa - 1]) - ref) - 1.0 : INFINITY; };
+  double ze = p.soft ? at_pe() : 0.0, za = p.soft ? at_pa() : 0.0;
+  float thr = su[ck];
+  int thr_j = sj[ck];
+  int r_next = 0;
+  float u_next = 0.f;
+  if (st.m_begin + 1 < st.m_end) r_next = rank[st.m_begin], u_next = su[r_next];
   for (int m = st.m_begin; m < st.m_end; ++m) {
     if (p.soft) {
       // Raise tau breakpoint by breakpoint until f falls to k: exits at u (the key leaves the
       // band), un-saturations at u - 1 (the key enters the band from above).
       for (;;) {
-        const double ze = pe > 0 ? static_cast<double>(su[pe - 1]) - ref : INFINITY;
-        const double za = pa > 0 ? (static_cast<double>(su[pa - 1]) - ref) - 1.0 : INFINITY;
         const double tn = fmin(ze, za);
         if (tn == INFINITY) break;  // unreachable with k < m; keeps the loop finite regardless
         const double fn = static_cast<double>(U) + band - static_cast<double>(W - U) * tn;
@@ -356,30 +365,35 @@ __global__ void __launch_bounds__(64) select_walk_kernel(const SelectParams p,
         if (ze <= za) {
           --pe;
           if (sj[pe] < m) { --W; band -= ze; }
+          ze = at_pe();
         } else {
           --pa;
           if (sj[pa] < m) { --U; band += static_cast<double>(su[pa]) - ref; }
+          za = at_pa();
         }
         tau = tn;
       }
     }
-    const float thr = su[ck];
     p.thr_u[out0 + m] = thr;
-    p.thr_j[out0 + m] = sj[ck];
+    p.thr_j[out0 + m] = thr_j;
     p.tau_rel[out0 + m] =
         p.soft ? static_cast<float>(tau + (ref - static_cast<double>(thr))) : -INFINITY;
 
     // Key j = m becomes active for m + 1.
     if (m + 1 < st.m_end) {
-      const int r = rank[m];
+      const int r = r_next;
+      const float ur = u_next;  // su[r]
+      if (m + 2 < st.m_end) r_next = rank[m + 1], u_next = su[r_next];
       if (r < ck) {  // one more active key above the threshold: it moves to the next one up
         int q = ck - 1;
         while (sj[q] > m) --q;
         ck = q;
+        thr = su[ck];
+        thr_j = sj[ck];
       }
       if (p.soft) {
         if (r < pa) { ++U; ++W; }
-        else if (r < pe) { ++W; band += static_cast<double>(su[r]) - ref; }
+        else if (r < pe) { ++W; band += static_cast<double>(ur) - ref; }
       }
     }
   }
