@@ -20,7 +20,8 @@
 //                   to 16-bit, is the A-operand register layout, so P never touches memory).
 //                Software-pipelined: S(n) and P(n-1) V(n-1) are issued back to back and the
 //                softmax of S(n) runs while P(n-1) V(n-1) is on the tensor cores, across tiles
-//                too: the next tile's first Q K^T goes out with this tile's last P V. And the two
+//                too (kOverlapTiles, 128-row tiles): the next tile's first Q K^T goes out with
+//                this tile's last P V. And the two
 //                consumer warpgroups can take turns issuing GEMMs (kPingPong: two named
 //                barriers), so one's softmax overlaps the other's GEMMs; measured slower here
 //                than letting the warp schedulers interleave them (bench/results/tuning.md), so
