@@ -32,7 +32,7 @@ if has sanitize; then
   echo "racecheck rc=$?"; grep -E "HAZARD|RACECHECK SUMMARY|PASSED|FAILED" "$OUT/racecheck.log" | tail -3
 fi
 if has pytest; then
-  python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/pip.log" 2>&1 || tail -20 "$OUT/pip.log"
+  install_package "$OUT/pip.log"
   (cd /tmp && python3 -m pytest -q -x ${BSK_PYTEST_FILES:-"$OLDPWD/tests/python/test_autograd.py"} \
     >"$OUT/pytest.log" 2>&1); echo "pytest rc=$?"
   tail -5 "$OUT/pytest.log"

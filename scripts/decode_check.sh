@@ -10,9 +10,7 @@ export BSK_WHEELS=${BSK_WHEELS:-$PWD/.whl} PYTHONUNBUFFERED=1 BSK_CUDA_ARCHS=${B
 source scripts/deps.sh
 set +e  # deps.sh sets -e; a failing step must not hide the ones after it
 t0=$(date +%s)
-python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/pip.log" 2>&1 ||
-  { tail -30 "$OUT/pip.log"; exit 1; }
-echo "install: $(( $(date +%s) - t0 )) s"
+install_package "$OUT/pip.log" || exit 1
 root=$PWD
 tests="$root/tests/python/test_sparsek_cache.py"
 tests="$tests $root/tests/python/test_hf.py $root/tests/python/test_hf_sparsek.py"

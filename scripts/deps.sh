@@ -33,3 +33,13 @@ fi
 "$PY" -c "import importlib.util as u; exit(u.find_spec('cutlass_library') is None)" ||
   { echo "deps: installing nvidia-cutlass==4.2.0.0 (headers only, --no-deps)";
     pip_install --no-deps nvidia-cutlass==4.2.0.0; }
+
+# install_package LOG: builds and installs this package (BSK_CUDA_ARCHS decides the GPU targets)
+# without touching its dependencies, the pip output in LOG; on failure prints LOG's tail and
+# returns 1. Used by the one-call GPU scripts.
+install_package() {
+  local log=$1 t0=$SECONDS
+  "$PY" -m pip install -q --no-build-isolation --no-deps "$root" >"$log" 2>&1 ||
+    { tail -30 "$log"; return 1; }
+  echo "install: $((SECONDS - t0)) s"
+}

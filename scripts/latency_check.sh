@@ -11,11 +11,7 @@ export BSK_WHEELS=${BSK_WHEELS:-$PWD/.whl} PYTHONUNBUFFERED=1 BSK_CUDA_ARCHS=${B
 source scripts/deps.sh
 set +e  # deps.sh sets -e; a failing step must not hide the ones after it
 t0=$(date +%s)
-if [ -z "${BSK_SKIP_INSTALL:-}" ]; then
-  python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/pip.log" 2>&1 ||
-    { tail -30 "$OUT/pip.log"; exit 1; }
-  echo "install: $(( $(date +%s) - t0 )) s"
-fi
+[ -n "${BSK_SKIP_INSTALL:-}" ] || install_package "$OUT/pip.log" || exit 1
 nvcc -O2 -std=c++17 -arch=native -o "$OUT/host_costs" bench/tune/host_costs.cu &&
   "$OUT/host_costs" | tee "$OUT/host_costs.txt"
 rm -f "$OUT/host_costs"

@@ -12,9 +12,7 @@ mkdir -p "$OUT/bench"
 export PYTHONUNBUFFERED=1
 source scripts/deps.sh
 t0=$SECONDS
-BSK_CUDA_ARCHS=90a python3 -m pip install -q --no-build-isolation . >"$OUT/install.log" 2>&1 ||
-  { tail -30 "$OUT/install.log"; exit 1; }
-echo "install: $((SECONDS - t0))s"
+BSK_CUDA_ARCHS=90a install_package "$OUT/install.log" || exit 1
 for path in ${SM90_BENCH_PATHS:-sm90 sm80}; do
   for suite in ${SM90_SUITES:-seed long latency}; do
     mkdir -p "$OUT/bench/$path"
