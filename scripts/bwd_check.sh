@@ -12,7 +12,6 @@ export PYTHONUNBUFFERED=1 BSK_CUDA_ARCHS=${BSK_CUDA_ARCHS:-80;90a}
 STAGES=${BSK_BWD_STAGES:-build gtest sanitize pytest bench}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 source scripts/deps.sh
-set +e  # deps.sh runs with errexit; here a failing stage must not end the run
 T=build/cmake/tests/cpp/bsk_tests
 if has build; then
   cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DBSK_CUDA_ARCHS="$BSK_CUDA_ARCHS" \

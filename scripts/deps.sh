@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs the pinned Python requirements that are missing (pip, from PyPI, or from a local
 # wheel folder given as BSK_WHEELS for machines without network). Sourced by the other scripts.
+# The install steps run with errexit; a caller without it gets it off again at the end, so a
+# GPU script that sources this still goes on past a failing step and reports its status.
+case $- in *e*) _bsk_errexit=1 ;; *) _bsk_errexit=0 ;; esac
 set -euo pipefail
 PY=${PYTHON:-python3}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +36,8 @@ fi
 "$PY" -c "import importlib.util as u; exit(u.find_spec('cutlass_library') is None)" ||
   { echo "deps: installing nvidia-cutlass==4.2.0.0 (headers only, --no-deps)";
     pip_install --no-deps nvidia-cutlass==4.2.0.0; }
+[ "$_bsk_errexit" = 1 ] || set +e
+unset _bsk_errexit
 
 # install_package LOG: builds and installs this package (BSK_CUDA_ARCHS decides the GPU targets)
 # without touching its dependencies, the pip output in LOG; on failure prints LOG's tail and

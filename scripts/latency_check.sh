@@ -9,7 +9,6 @@ OUT=${OUT:-$PWD/build/latency_check}
 mkdir -p "$OUT"
 export BSK_WHEELS=${BSK_WHEELS:-$PWD/.whl} PYTHONUNBUFFERED=1 BSK_CUDA_ARCHS=${BSK_CUDA_ARCHS:-80;90a}
 source scripts/deps.sh
-set +e  # deps.sh sets -e; a failing step must not hide the ones after it
 t0=$(date +%s)
 [ -n "${BSK_SKIP_INSTALL:-}" ] || install_package "$OUT/pip.log" || exit 1
 nvcc -O2 -std=c++17 -arch=native -o "$OUT/host_costs" bench/tune/host_costs.cu &&

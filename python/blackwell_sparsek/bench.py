@@ -538,10 +538,25 @@ def method_info(quick):
                     f"with low-precision reduction: {low}")
 
 
+def suite_parser(module, doc):
+    """The command line every suite module's main starts from: its usage text and --out."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join("bench", "results"))
+    return ap
+
+
+def no_gpu():
+    """True, said on stderr, when there is no CUDA GPU to benchmark on (main then returns 2)."""
+    if torch.cuda.is_available():
+        return False
+    print("no CUDA GPU: benchmarks need one", file=sys.stderr)
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: benchmarks need one", file=sys.stderr)
+    if no_gpu():
         return 2
     env = capture_env()
     l2 = env["l2_bytes"] or 50 * 2 ** 20

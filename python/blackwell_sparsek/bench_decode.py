@@ -16,14 +16,12 @@ one. GB/s counts the bytes a step must read: the cached K/V rows in use and the 
 over time) is measured in the same run. Correctness: a reduced problem against the float64
 reference. Writes <out>/sparsek-decode-<gpu>-<stamp>.*.
 """
-import argparse
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from .bench import capture_env, capture_graphs, env_line, gpu_warmup, rel_err, save_suite, time_calls
+from .bench import capture_env, capture_graphs, env_line, gpu_warmup, no_gpu, rel_err, save_suite, suite_parser, time_calls
 
 HQ, HKV, D, K, W = 32, 8, 128, 2048, 1024
 
@@ -195,15 +193,12 @@ def render(report):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m blackwell_sparsek.bench_decode", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("bench", "results"))
+    ap = suite_parser("blackwell_sparsek.bench_decode", __doc__)
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--peers", default="sdpa-cudnn,sdpa-flash,ours-dense")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: benchmarks need one", file=sys.stderr)
+    if no_gpu():
         return 2
     env = capture_env()
     gpu_warmup()

@@ -15,9 +15,7 @@ and left after it stops). With --breakdown, the layers of our call are timed the
 CUDA implementation behind it (which the front door calls directly when nothing watches
 calls, ops.direct_call_ok), the output allocation, the DLPack capsules and the C++ call.
 """
-import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 import blackwell_sparsek as bsk
 
 from . import _C, ops
-from .bench import capture_env, env_line, gpu_warmup, math_sdpa, rel_err, save_suite
+from .bench import capture_env, env_line, gpu_warmup, math_sdpa, no_gpu, rel_err, save_suite, suite_parser
 
 SHAPES = [(S, D) for S in (1, 128) for D in (64, 128)]
 B, H = 1, 8
@@ -157,15 +155,11 @@ def render(report):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m blackwell_sparsek.bench_latency",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("bench", "results"))
+    ap = suite_parser("blackwell_sparsek.bench_latency", __doc__)
     ap.add_argument("--reps", type=int, default=400)
     ap.add_argument("--breakdown", action="store_true", help="also time the layers of our call")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: benchmarks need one", file=sys.stderr)
+    if no_gpu():
         return 2
     report = dict(suite="latency", reps=args.reps, env=capture_env(), results=[])
     gpu_warmup(0.2)

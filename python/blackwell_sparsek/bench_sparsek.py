@@ -10,14 +10,12 @@ the largest mean score. The selection stage alone (score check, sort, thresholds
 the sum of its kernels' durations from torch.profiler over the same call. Correctness: a reduced
 problem (S=2048) against the float64 reference. Writes <out>/sparsek-prefill-<gpu>-<stamp>.*.
 """
-import argparse
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from .bench import capture_env, env_line, gpu_warmup, rel_err, save_suite, time_calls
+from .bench import capture_env, env_line, gpu_warmup, no_gpu, rel_err, save_suite, suite_parser, time_calls
 
 B, HQ, HKV, D, K, W, BLK = 1, 32, 8, 128, 2048, 1024, 128
 SELECT_KERNELS = ("encode_scores", "RadixSort", "finish_sort", "select_init", "select_walk", "list_kernel")
@@ -215,15 +213,11 @@ def write_plot(report, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m blackwell_sparsek.bench_sparsek",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("bench", "results"))
+    ap = suite_parser("blackwell_sparsek.bench_sparsek", __doc__)
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--peers", default="sdpa-cudnn,flex")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: benchmarks need one", file=sys.stderr)
+    if no_gpu():
         return 2
     env = capture_env()
     gpu_warmup()

@@ -13,13 +13,11 @@ Gradients are set to None before every step so no accumulation kernel is timed. 
 split of our step comes from torch.profiler. Correctness: a reduced problem against the float64
 reference backward. Writes <out>/sparsek-train-<gpu>-<stamp>.*.
 """
-import argparse
-import os
 import sys
 
 import torch
 
-from .bench import capture_env, env_line, gpu_warmup, rel_err, save_suite
+from .bench import capture_env, env_line, gpu_warmup, no_gpu, rel_err, save_suite, suite_parser
 from .bench_sparsek import (K, W, annotate_ours, cudnn_call, flex_call, flops, inputs,
                             selection_share, time_peers)
 
@@ -107,15 +105,11 @@ def render(report):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m blackwell_sparsek.bench_train",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("bench", "results"))
+    ap = suite_parser("blackwell_sparsek.bench_train", __doc__)
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--peers", default="sdpa-cudnn,flex")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: benchmarks need one", file=sys.stderr)
+    if no_gpu():
         return 2
     env = capture_env()
     gpu_warmup()
