@@ -9,9 +9,11 @@ K/V are one random row per (sequence, KV head) broadcast along L, since a step's
 the cached rows, not on where they came from). Peers, in the same process: sdpa-cudnn and
 sdpa-flash decoding (Sq = 1) over a full L-token K/V cache, and our dense attention on the same
 cache ("ours-dense": the decode kernel behind bsk.attention when Sq = 1). Eager: CUDA events around each
-Python call, back to back; graph: one CUDA graph replay per step. Ours rotates over enough
-caches (layers) that the set is >= 4x L2, so no step reads a cache left in L2 by the previous
-one. GB/s counts the bytes a step must read: the cached K/V rows in use and the candidate scores
+Python call, back to back; graph: one CUDA graph replay per step (its GPU time includes the
+host's launch of the graph where the step is shorter than that); layers: one graph of one step
+per layer (ours: per cache; peers: 8 calls), the replay time over the steps: the GPU time of a
+step inside a model's decode graph. Ours rotates over enough caches (layers) that the set is
+>= 4x L2, so no step reads a cache left in L2 by the previous one. GB/s counts the bytes a step must read: the cached K/V rows in use and the candidate scores
 (ours), the whole K/V cache (peers); the copy bandwidth (a 2 GiB device copy, read + write bytes
 over time) is measured in the same run. Correctness: a reduced problem against the float64
 reference. Writes <out>/sparsek-decode-<gpu>-<stamp>.*.
@@ -70,6 +72,14 @@ def graph_calls(fns):
     return capture_graphs(lambda f: f(), [(f,) for f in fns])
 
 
+def layers_ms(fns):
+    """Median ms per call of one CUDA graph that makes every call of fns in turn."""
+    def all_calls():
+        for f in fns:
+            f()
+    return time_calls(graph_calls([all_calls]))["median_ms"] / len(fns)
+
+
 def run_ours(B, L, l2):
     caches, fns = [], []
     while not caches or (len(caches) * caches[0].nbytes < 4 * l2 and len(caches) < 16):
@@ -83,9 +93,10 @@ def run_ours(B, L, l2):
     nbytes = bytes_read(caches[0])
     eager = time_calls(fns)
     graph = time_calls(graph_calls(fns))
+    layers = layers_ms(fns)
     for c in caches:
         c.check()
-    return dict(peer="ours", eager_ms=eager["median_ms"], graph_ms=graph["median_ms"],
+    return dict(peer="ours", eager_ms=eager["median_ms"], graph_ms=graph["median_ms"], layers_ms=layers,
                 bytes=nbytes, caches=len(caches), cache_bytes_per_seq_per_layer=per_cache // B,
                 candidates_mean=caches[0].counts[..., 1].float().mean().item())
 
@@ -111,6 +122,7 @@ def run_peer(name, B, L):
         eager = time_calls([fn])
         graph = time_calls(graph_calls([fn]))
         return dict(peer=name, eager_ms=eager["median_ms"], graph_ms=graph["median_ms"],
+                    layers_ms=layers_ms([fn] * 8),
                     bytes=2 * kc.numel() * 2)
     except Exception as exc:  # reported, not hidden
         return dict(peer=name, error=f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -157,7 +169,7 @@ def run(batches, L, peers):
         o = base["ours"]
         for p in peers:
             if p in base and p != "ours-dense":
-                for mode in ("eager", "graph"):
+                for mode in ("eager", "graph", "layers"):
                     o[f"speedup_{mode}_vs_{p}"] = base[p][f"{mode}_ms"] / o[f"{mode}_ms"]
         rows += res
     return rows
@@ -170,16 +182,17 @@ def render(report):
              f"{env_line(env)}; device copy bandwidth {bw:.0f} GB/s", "",
              "Hq=32 Hkv=8 D=128 bf16 k=2048 w=1024 key_value; one decode step (ours: cache "
              "append + attention; peers: attention over the full L-token cache); median ms.", "",
-             "| B | L | peer | eager ms | graph ms | GB/s (graph) | % of copy bw | ours faster (eager / graph) |",
-             "|---:|---:|---|---:|---:|---:|---:|---|"]
+             "| B | L | peer | eager ms | graph ms | layers ms | GB/s (graph) | % of copy bw | ours faster (eager / graph / layers) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['B']} | {r['L']} | {r['peer']} | error: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['B']} | {r['L']} | {r['peer']} | error: {r['error'][:80]} | | | | | |")
             continue
-        sp = ", ".join(f"{r[f'speedup_eager_vs_{p}']:.1f}x / {r[f'speedup_graph_vs_{p}']:.1f}x vs {p}"
+        sp = ", ".join(f"{r[f'speedup_eager_vs_{p}']:.1f}x / {r[f'speedup_graph_vs_{p}']:.1f}x / "
+                       f"{r[f'speedup_layers_vs_{p}']:.1f}x vs {p}"
                        for p in ("sdpa-cudnn", "sdpa-flash") if f"speedup_eager_vs_{p}" in r)
         lines.append(f"| {r['B']} | {r['L']} | {r['peer']} | {r['eager_ms']:.4f} | "
-                     f"{r['graph_ms']:.4f} | {r['graph_GBps']:.0f} | {100 * r['graph_GBps'] / bw:.0f}% | {sp} |")
+                     f"{r['graph_ms']:.4f} | {r['layers_ms']:.4f} | {r['graph_GBps']:.0f} | {100 * r['graph_GBps'] / bw:.0f}% | {sp} |")
     ours = [r for r in report["results"] if r.get("peer") == "ours" and "error" not in r]
     if ours:
         lines += ["", f"cache: {ours[0]['cache_bytes_per_seq_per_layer'] / 2**20:.2f} MiB per sequence "

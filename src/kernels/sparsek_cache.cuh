@@ -58,7 +58,7 @@ __device__ __forceinline__ unsigned long long entry_key(float u, int pos) {
 struct Scan0 {  // what the append's first pass over the entries finds
   TauPiece piece;
   unsigned long long worst;  // min key among selected entries
-  int worst_at;              // its entry
+  int worst_at, worst_row;   // its entry and K/V row
   int free_at;               // first reusable entry (u <= tau, not selected)
   float zmin;
 };
@@ -68,6 +68,7 @@ struct Scan0Op {
     r.piece = bsk::detail::tau_piece_merge(a.piece, b.piece);
     r.worst = a.worst < b.worst ? a.worst : b.worst;
     r.worst_at = a.worst < b.worst ? a.worst_at : b.worst_at;
+    r.worst_row = a.worst < b.worst ? a.worst_row : b.worst_row;
     r.free_at = a.free_at < b.free_at ? a.free_at : b.free_at;
     r.zmin = fminf(a.zmin, b.zmin);
     return r;
@@ -96,6 +97,9 @@ constexpr int kWalkList = 256;
 // memory round trip per iteration (measured with clock64: 8 trips for 4K entries, half the
 // append's time at batch 1); a tile of kPer predicated loads waits for one.
 constexpr int kPer = 8;
+// Candidate scores the append keeps in shared memory (32 KB) for the tau walk's passes, so that
+// they read the block's own copy instead of global memory; more entries walk over global memory.
+constexpr int kStagedScores = 8192;
 
 // f(e, zu[e]) for every entry e < n of this thread, a tile of loads at a time.
 template <class F>
@@ -269,18 +273,28 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
   __shared__ __align__(16) unsigned char s0_raw[sizeof(Scan0)];  // raw: Scan0 has initializers
   Scan0& s0 = *reinterpret_cast<Scan0*>(s0_raw);
 
+  __shared__ float s_z[kStagedScores];
+
   allow_dependents();
   const int grp = blockIdx.x, b = grp / p.heads_kv, h = grp % p.heads_kv;
   if (link.counters != nullptr)
     for (int i = threadIdx.x; i < link.counters_per_group; i += kAppendThreads)
       link.counters[grp * link.counters_per_group + i] = 0;
-  // Every load the step needs up front (latency, not bandwidth, bounds this kernel).
+  // Latency, not bandwidth, bounds this kernel (one block per group, a chain of memory round
+  // trips and block-wide steps), so every load the step needs is issued as early as what it
+  // depends on allows: one trip for the group's counts and the new scores, one for the rows and
+  // the candidate entries; the walk then reads the entries from shared memory.
   const int status = p.status[0];
   int* cnt = p.counts + 3 * grp;
   const int pos = cnt[0], cpos = pos - p.window;
   int n = cnt[1], nsel = cnt[2];
   const double tau_old = p.tau[grp];
   const float unew = un.at(b, h, 0);
+  // All or nothing: every block checks every new score, so a bad one changes no group.
+  const int n_new = batch * p.heads_kv;
+  bool any_bad = false;
+  for (int i = threadIdx.x; i < n_new; i += kAppendThreads)
+    any_bad |= !isfinite(un.at(i / p.heads_kv, i % p.heads_kv, 0));
   const int64_t gbase = static_cast<int64_t>(grp) * p.rows;
   const int ring = p.window > 0 && cpos >= 0 ? cpos % p.window : 0;
   const float uc = p.window > 0 ? p.slot_u[gbase + ring] : unew;
@@ -315,13 +329,9 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
     publish(-1);
     return;
   }
-  // All or nothing: every block checks every new score, so a bad one changes no group.
-  bool any_bad = false;
-  for (int i = threadIdx.x; i < batch * p.heads_kv; i += kAppendThreads)
-    any_bad |= !isfinite(un.at(i / p.heads_kv, i % p.heads_kv, 0));
   if (__syncthreads_or(any_bad)) {
     int bad = INT_MAX;
-    for (int i = threadIdx.x; i < batch * p.heads_kv; i += kAppendThreads)
+    for (int i = threadIdx.x; i < n_new; i += kAppendThreads)
       if (!isfinite(un.at(i / p.heads_kv, i % p.heads_kv, 0))) bad = min(bad, i);
     bad = ReduceI(tmp.ri).Reduce(bad, MinOp());
     if (grp == 0 && threadIdx.x == 0) {
@@ -344,33 +354,33 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
       if (threadIdx.x == 0) zu[n] = uc, zp[n] = cpos, zr[n] = take_row;
       ++n, ++nsel;
     } else if (!p.soft || static_cast<double>(uc) > tau_old) {
+      // The walk's copy of the scores (one entry may be added below).
+      const bool staged = p.soft && n < kStagedScores;
       Scan0 mine;
       mine.worst = ~0ull;
-      mine.worst_at = -1;
+      mine.worst_at = mine.worst_row = -1;
       mine.free_at = INT_MAX;
       mine.zmin = INFINITY;
       const bool tau_known = tau_old > -INFINITY;
       for (int base = 0; base < n; base += kPer * kAppendThreads) {
         float z[kPer];
         int row[kPer], zpos[kPer];
+        // Positions (the worst's ties) load with the rest: one round trip, not two.
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
           const int e = base + j * kAppendThreads + static_cast<int>(threadIdx.x);
           z[j] = e < n ? zu[e] : 0.f;
           row[j] = e < n ? zr[e] : -1;
-        }
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) {  // positions only for the selected (the worst's ties)
-          const int e = base + j * kAppendThreads + static_cast<int>(threadIdx.x);
-          zpos[j] = e < n && row[j] >= 0 ? zp[e] : 0;
+          zpos[j] = e < n ? zp[e] : 0;
         }
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
           const int e = base + j * kAppendThreads + static_cast<int>(threadIdx.x);
           if (e >= n) continue;
+          if (staged) s_z[e] = z[j];
           if (row[j] >= 0) {
             const unsigned long long key = entry_key(z[j], zpos[j]);
-            if (key < mine.worst) mine.worst = key, mine.worst_at = e;
+            if (key < mine.worst) mine.worst = key, mine.worst_at = e, mine.worst_row = row[j];
           } else if (static_cast<double>(z[j]) <= tau_old && e < mine.free_at) {
             mine.free_at = e;
           }
@@ -388,7 +398,7 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
       const int worst = sc.worst_at;
       if (!p.soft) {
         if (in) {
-          take_row = zr[worst];
+          take_row = sc.worst_row;
           if (threadIdx.x == 0) zu[worst] = uc, zp[worst] = cpos;
         }
       } else {
@@ -404,24 +414,25 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
           }
           at = n++;
         }
-        const int wrow = zr[worst];
-        __syncthreads();  // every thread has read zr[worst] before it changes
+        const int wrow = sc.worst_row;
         if (threadIdx.x == 0) {
           zu[at] = uc, zp[at] = cpos, zr[at] = in ? wrow : -1;
           if (in) zr[worst] = -1;
+          if (staged) s_z[at] = uc;
         }
         if (in) take_row = wrow;
         // tau: from the old tau, with the new score added to the piece found above; or, the
         // first time there are more than k candidates, from below every score.
+        const float* zw = staged ? s_z : zu;
         TauPiece piece = sc.piece;
         double lo = tau_old;
         if (tau_known) {
           bsk::detail::tau_piece_add(piece, static_cast<double>(uc), lo);
-          tau = walk_on(zu, n, p.budget, lo, piece);  // syncs first: the new entry is in place
+          tau = walk_on(zw, n, p.budget, lo, piece);  // syncs first: the new entry is in place
         } else {
           lo = static_cast<double>(fminf(sc.zmin, uc)) - 1.0;
           __syncthreads();  // the new entry is visible to the walk's passes
-          tau = walk<kAppendThreads>(zu, n, p.budget, lo, piece, false);
+          tau = walk<kAppendThreads>(zw, n, p.budget, lo, piece, false);
         }
       }
     }
