@@ -313,18 +313,22 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
                                  [&](int i, int r) { if (r < kBandCap) s_band[r] = su[p_hi + i]; },
                                  tmp.scan);
     const bool in_smem = nb <= kBandCap;
+    // f(u - ref) for every active key of the band: from shared memory, or from global memory
+    // where the band overflowed it.
+    auto for_each_band = [&](auto&& f) {
+      if (in_smem) {
+        for (int i = threadIdx.x; i < nb; i += kSelectThreads) f(static_cast<double>(s_band[i]) - st.ref);
+      } else {
+        for (int pos = p_hi + threadIdx.x; pos < p_lo; pos += kSelectThreads)
+          if (sj[pos] < m) f(static_cast<double>(su[pos]) - st.ref);
+      }
+    };
     __syncthreads();
     double lo = -1.0, hi = 0.0;  // f(lo) >= k > f(hi), relative to ref
     for (int it = 0; it < kBisect; ++it) {
       const double mid = 0.5 * (lo + hi);
       double part = 0.0;
-      if (in_smem) {
-        for (int i = threadIdx.x; i < nb; i += kSelectThreads)
-          part += fmin(fmax(static_cast<double>(s_band[i]) - st.ref - mid, 0.0), 1.0);
-      } else {
-        for (int pos = p_hi + threadIdx.x; pos < p_lo; pos += kSelectThreads)
-          if (sj[pos] < m) part += fmin(fmax(static_cast<double>(su[pos]) - st.ref - mid, 0.0), 1.0);
-      }
+      for_each_band([&](double x) { part += fmin(fmax(x - mid, 0.0), 1.0); });
       __syncthreads();
       const double f = ReduceD(tmp.rd).Sum(part);
       if (threadIdx.x == 0) s_f = f + base;
@@ -340,19 +344,12 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
     // those of [p_hi, p_lo) by their relative score (the same comparisons that placed pa, pe).
     int u_part = 0, w_part = 0;
     double b_part = 0.0;
-    auto add = [&](double x) {
+    for_each_band([&](double x) {
       const bool in_u = !(x < lo + 1.0), in_w = !(x <= lo);
       u_part += in_u;
       w_part += in_w;
       b_part += in_w && !in_u ? x : 0.0;
-    };
-    if (in_smem) {
-      for (int i = threadIdx.x; i < nb; i += kSelectThreads)
-        add(static_cast<double>(s_band[i]) - st.ref);
-    } else {
-      for (int pos = p_hi + threadIdx.x; pos < p_lo; pos += kSelectThreads)
-        if (sj[pos] < m) add(static_cast<double>(su[pos]) - st.ref);
-    }
+    });
     __syncthreads();
     st.U = base + ReduceI(tmp.ri).Sum(u_part);
     __syncthreads();

@@ -55,6 +55,11 @@ CASES = [  # B, Sq, Skv, Hq, Hkv, D, k, w, gate, scores
     (1, 300, 300, 2, 2, 128, 0, 33, "key_value", "normal"),
     (1, 190, 190, 2, 2, 64, 30, 0, "value", "ties"),
     (1, 17, 17, 2, 1, 128, 5, 3, "key_value", "normal"),
+    # More than one 4096-position tile of the selection's scans of the sorted order: the
+    # threshold and the band's upper edge past the first tile (a large k), and a band of more
+    # active keys than select_init keeps in shared memory (flat scores: every key within 1).
+    (1, 64, 12000, 2, 1, 128, 9000, 64, "key_value", "normal"),
+    (1, 64, 12000, 2, 1, 64, 6000, 64, "value", "flat"),
 ]
 
 
