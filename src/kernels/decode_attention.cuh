@@ -155,9 +155,10 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
 // n-tile; larger groups take several CTAs). Rows stream through a kStages-deep cp.async pipeline
 // of kChunk-row K/V tiles. The products run on tensor cores with the rows as the M dimension:
 // S^T = K Q^T (each warp one 16-row tile, Q^T as the B operand in registers) and
-// O^T += V^T P^T (each warp D / 4 output dims, P^T from shared memory), so the per-row work is a
-// few mma instructions instead of a dot product and a shuffle reduction per head (which made an
-// earlier CUDA-core version issue-bound at ~55% of the copy bandwidth). With splits > 1 the last
+// O^T += V^T P^T (each warp its own 16 rows, all D output dims; P^T transposed in registers from
+// the S^T accumulators), so the per-row work is a few mma instructions instead of a dot product
+// and a shuffle reduction per head (which made an earlier CUDA-core version issue-bound at ~55%
+// of the copy bandwidth). With splits > 1 the last
 // CTA of a group to finish combines the partials, in split order (deterministic); `counters`
 // (zeroed per launch) count the arrivals.
 template <typename Elem, int kD>
@@ -166,8 +167,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   using sm80::ldsm_x4_trans;
   using sm80::swizzle;
   constexpr int kVecs = kChunk * kD / 8;  // 16-byte vectors per K (or V) tile
-  constexpr int kDimTiles = kD / 16 / kWarps;  // output m-tiles (16 dims) per warp
-  constexpr int kPStride = kChunk + 8;        // padded rows of P^T: conflict-free ldmatrix
+  constexpr int kDimTiles = kD / 16;  // output m-tiles (16 dims): every warp holds all D dims
   const int split = blockIdx.x;
   const int g = blockIdx.y / p.head_chunks;
   const int h0 = g * p.group + (blockIdx.y % p.head_chunks) * kHeads;
@@ -178,12 +178,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
 
   extern __shared__ uint4 smem_raw[];
   Elem* tiles = reinterpret_cast<Elem*>(smem_raw);
-  __shared__ float s_logit[kHeads][kChunk];
-  __shared__ __align__(16) Elem s_p[kHeads][kPStride];
-  __shared__ float s_gate[kChunk];
   __shared__ float s_u[kStages][kChunk];  // scores of the gated rows, staged with their K/V
-  __shared__ float s_alpha[kHeads];
-  __shared__ float s_max[kHeads], s_den[kHeads];
+  __shared__ float s_wm[kWarps][kHeads], s_wl[kWarps][kHeads];  // per warp: max, denominator
+  __shared__ float s_max[kHeads], s_den[kHeads];  // the combine's scratch
   __shared__ bool s_last;
 
   const Elem* kb = p.k + b * p.k_sb + g * p.k_sh;
@@ -290,12 +287,18 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       qb[ks][1] = gq < nh ? qrow[(ks * 16 + 2 * tq + 8) / 2] : 0u;
     }
   }
+  // Each warp runs its own online softmax over its 16 rows of every chunk (per head: the max
+  // across the warp, the sum per thread until the end) and accumulates O^T for all D dims of
+  // the 8 heads, so a chunk needs one barrier (the stage ring) and no shared-memory round trip
+  // of the logits: at batch 1 the kernel is bound by each warp's instruction latency, not by
+  // the bandwidth. The warps' partial outputs merge once, after the last chunk.
   float acc[kDimTiles][4];
 #pragma unroll
   for (int mt = 0; mt < kDimTiles; ++mt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
-  if (tid < kHeads) s_max[tid] = -INFINITY, s_den[tid] = 0.f;
+  float mx[2] = {-INFINITY, -INFINITY};  // running max (log2 domain) of heads 2tq, 2tq + 1
+  float den[2] = {0.f, 0.f};             // this thread's rows' share of their denominators
 
   for (int c = 0; c < chunks; ++c) {
     cute::cp_async_wait<kStages - 2>();
@@ -306,8 +309,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     const Elem* vs_tile = ks_tile + kChunk * kD;
     const int c0 = r_begin + c * kChunk, n = min(kChunk, r_end - c0);
     // S^T for this warp's 16 rows: A = K rows (m = row, k = dim), ldmatrix without transpose.
+    // sacc[e]: row warp*16 + gq + 8*(e>>1), head 2*tq + (e&1).
+    float sacc[4] = {0.f, 0.f, 0.f, 0.f};
     {
-      float sacc[4] = {0.f, 0.f, 0.f, 0.f};
       const int a_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
       const int a_col = ((lane >> 4) & 1) * 8;
 #pragma unroll
@@ -316,95 +320,98 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
         ldsm_x4(ks_tile + swizzle<kD>(a_row, ks * 16 + a_col), a);
         sm80::mma_16x8x16<Elem>(sacc, a, qb[ks][0], qb[ks][1]);
       }
-      // sacc[e]: row warp*16 + gq + 8*(e>>1), head 2*tq + (e&1).
+    }
+    // Gates of the thread's two rows, logits, the chunk's max per head across the warp.
+    float g[2], x[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = warp * 16 + gq + 8 * (e >> 1), h = 2 * tq + (e & 1);
-        float m = 1.f;
-        if (i < n && c0 + i >= na && gate != 2)
-          m = static_cast<float>(
-              bsk::detail::clip_gate(static_cast<double>(s_u[c % kStages][i]) - gr.tau));
-        const float sv = sacc[e] * p.scale_log2;
-        s_logit[h][i] = i < n ? (gate == 0 ? m * sv : sv) : -INFINITY;
-        if (h == 0) s_gate[i] = i < n ? m : 0.f;
+    for (int hr = 0; hr < 2; ++hr) {
+      const int i = warp * 16 + gq + 8 * hr;
+      g[hr] = i < n ? 1.f : 0.f;
+      if (i < n && c0 + i >= na && gate != 2)
+        g[hr] = static_cast<float>(
+            bsk::detail::clip_gate(static_cast<double>(s_u[c % kStages][i]) - gr.tau));
+#pragma unroll
+      for (int hc = 0; hc < 2; ++hc) {
+        const float sv = sacc[2 * hr + hc] * p.scale_log2;
+        x[2 * hr + hc] = i < n ? (gate == 0 ? g[hr] * sv : sv) : -INFINITY;
       }
     }
-    __syncthreads();
-    // Online softmax per head, one warp per head; P^T (value weights) to shared memory.
-    for (int h = warp; h < kHeads; h += kWarps) {
-      float mx = -INFINITY;
-      for (int i = lane; i < kChunk; i += 32) mx = fmaxf(mx, s_logit[h][i]);
+    float alpha[2], pw[4];
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_old = s_max[h], m_new = fmaxf(m_old, mx);
+    for (int hc = 0; hc < 2; ++hc) {
+      float m = fmaxf(x[hc], x[2 + hc]);
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+      const float m_new = fmaxf(mx[hc], m);
       const float ref = m_new == -INFINITY ? 0.f : m_new;
-      float den = 0.f;
-      for (int i = lane; i < kChunk; i += 32) {
-        const float e = exp2f(s_logit[h][i] - ref);
-        den += e;
-        s_p[h][i] = Round<Elem>::from_float(e * s_gate[i]);
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) den += __shfl_xor_sync(0xffffffffu, den, off);
-      __syncwarp();
-      if (lane == 0) {
-        const float alpha = exp2f(m_old - ref);
-        s_alpha[h] = alpha;
-        s_den[h] = s_den[h] * alpha + den;
-        s_max[h] = m_new;
-      }
+      alpha[hc] = exp2f(mx[hc] - ref);
+      mx[hc] = m_new;
+      const float e0 = exp2f(x[hc] - ref), e1 = exp2f(x[2 + hc] - ref);
+      den[hc] = den[hc] * alpha[hc] + (e0 + e1);
+      pw[hc] = e0 * g[0], pw[2 + hc] = e1 * g[1];  // value weights: rows gq, gq + 8
     }
-    __syncthreads();
-    // O^T += V^T P^T: A = V^T (m = dim, k = row) by ldmatrix with transpose, B = P^T (k = row,
-    // n = head) from s_p. acc[mt][e]: dim (warp*kDimTiles + mt)*16 + gq + 8*(e>>1), head 2tq+(e&1).
-    {
-      const float a0 = s_alpha[2 * tq], a1 = s_alpha[2 * tq + 1];
 #pragma unroll
-      for (int mt = 0; mt < kDimTiles; ++mt) {
-        acc[mt][0] *= a0, acc[mt][1] *= a1, acc[mt][2] *= a0, acc[mt][3] *= a1;
-      }
-      const int v_row = (lane & 7) + ((lane >> 4) & 1) * 8, v_col = ((lane >> 3) & 1) * 8;
+    for (int mt = 0; mt < kDimTiles; ++mt)
+      acc[mt][0] *= alpha[0], acc[mt][1] *= alpha[1], acc[mt][2] *= alpha[0], acc[mt][3] *= alpha[1];
+    // P^T as the B operand of O^T += V^T P^T (k = row, n = head): the (row, head) weights are
+    // two 8 x 8 matrices in the accumulator's row layout; transposed in registers they are b0
+    // (rows 0-7) and b1 (rows 8-15).
+    const uint32_t b0 = sm80::transpose8x8(sm80::pack2<Elem>(pw[0], pw[1]));
+    const uint32_t b1 = sm80::transpose8x8(sm80::pack2<Elem>(pw[2], pw[3]));
+    // A = V^T (m = dim, k = row) by ldmatrix with transpose from this warp's 16 rows.
+    // acc[mt][e]: dim mt*16 + gq + 8*(e>>1), head 2tq + (e&1).
+    const int v_row = warp * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, v_col = ((lane >> 3) & 1) * 8;
 #pragma unroll
-      for (int ks = 0; ks < kChunk / 16; ks += 2) {
-        uint32_t pb[4];  // b0, b1 of k-step ks, then of ks + 1
-        ldsm_x4(&s_p[lane & 7][ks * 16 + (lane >> 3) * 8], pb);
-#pragma unroll
-        for (int kk = 0; kk < 2; ++kk) {
-#pragma unroll
-          for (int mt = 0; mt < kDimTiles; ++mt) {
-            uint32_t a[4];
-            ldsm_x4_trans(vs_tile + swizzle<kD>((ks + kk) * 16 + v_row,
-                                                (warp * kDimTiles + mt) * 16 + v_col), a);
-            sm80::mma_16x8x16<Elem>(acc[mt], a, pb[2 * kk], pb[2 * kk + 1]);
-          }
-        }
-      }
+    for (int mt = 0; mt < kDimTiles; ++mt) {
+      uint32_t a[4];
+      ldsm_x4_trans(vs_tile + swizzle<kD>(v_row, mt * 16 + v_col), a);
+      sm80::mma_16x8x16<Elem>(acc[mt], a, b0, b1);
     }
   }
   cute::cp_async_wait<0>();
-  __syncthreads();  // s_den / s_max final
+#pragma unroll
+  for (int hc = 0; hc < 2; ++hc)
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2) den[hc] += __shfl_xor_sync(0xffffffffu, den[hc], off);
+  __syncthreads();  // every warp is done with the tiles: their space holds the warps' partials
 
-  const float nan = __int_as_float(0x7fc00000);
+  // The warps' partials merge in warp order (deterministic): s_po[w][h][d], s_wm / s_wl[w][h].
+  float* s_po = reinterpret_cast<float*>(smem_raw);
+  if (gq == 0)
+#pragma unroll
+    for (int hc = 0; hc < 2; ++hc) s_wm[warp][2 * tq + hc] = mx[hc], s_wl[warp][2 * tq + hc] = den[hc];
 #pragma unroll
   for (int mt = 0; mt < kDimTiles; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int h = 2 * tq + (e & 1), d = (warp * kDimTiles + mt) * 16 + gq + 8 * (e >> 1);
-      if (h >= nh) continue;
-      const int hq = h0 + h;
-      const float o = acc[mt][e], den = s_den[h], mx = s_max[h];
-      if (p.splits == 1) {
-        p.out[b * p.o_sb + hq * p.o_sh + d] =
-            Round<Elem>::from_float(broken ? nan : (den > 0.f ? o / den : 0.f));
-        if (d == 0 && p.lse != nullptr)
-          p.lse[b * p.l_sb + hq * p.l_sh] =
-              broken ? nan : (den > 0.f ? (mx + log2f(den)) * 0.69314718055994531f : -INFINITY);
-      } else {
-        const int64_t row = (static_cast<int64_t>(split) * p.batch + b) * p.heads_q + hq;
-        p.part_o[row * kD + d] = o;
-        if (d == 0) p.part_ml[2 * row] = mx, p.part_ml[2 * row + 1] = den;
-      }
+    for (int e = 0; e < 4; ++e)
+      s_po[(warp * kHeads + 2 * tq + (e & 1)) * kD + mt * 16 + gq + 8 * (e >> 1)] = acc[mt][e];
+  __syncthreads();
+  const float nan = __int_as_float(0x7fc00000);
+  for (int idx = tid; idx < nh * kD; idx += kThreads) {
+    const int h = idx / kD, d = idx % kD, hq = h0 + h;
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_wm[w][h]);
+    const float ref = m_all == -INFINITY ? 0.f : m_all;
+    float o = 0.f, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float sc = exp2f(s_wm[w][h] - ref);
+      o = fmaf(s_po[(w * kHeads + h) * kD + d], sc, o);
+      l = fmaf(s_wl[w][h], sc, l);
     }
+    if (p.splits == 1) {
+      p.out[b * p.o_sb + hq * p.o_sh + d] =
+          Round<Elem>::from_float(broken ? nan : (l > 0.f ? o / l : 0.f));
+      if (d == 0 && p.lse != nullptr)
+        p.lse[b * p.l_sb + hq * p.l_sh] =
+            broken ? nan : (l > 0.f ? (m_all + log2f(l)) * 0.69314718055994531f : -INFINITY);
+    } else {
+      const int64_t row = (static_cast<int64_t>(split) * p.batch + b) * p.heads_q + hq;
+      p.part_o[row * kD + d] = o;
+      if (d == 0) p.part_ml[2 * row] = m_all, p.part_ml[2 * row + 1] = l;
+    }
+  }
   if (p.splits == 1) return;
   __threadfence();  // this CTA's partials are visible before it is counted
   __syncthreads();

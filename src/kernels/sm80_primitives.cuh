@@ -129,6 +129,15 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Transposes an 8 x 8 matrix of 16-bit values held in the mma accumulator's row layout (lane
+// g * 4 + t holds row g, cols 2t and 2t+1 in one register) across the warp: afterwards lane
+// g * 4 + t holds the original's column g, rows 2t and 2t+1 (movmatrix, sm_75+).
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 template <typename Elem>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <>
