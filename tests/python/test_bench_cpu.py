@@ -301,3 +301,26 @@ def test_latency_suite_matches_rulebook_and_renders():
     assert "| 1 | 64 | ours | 2.0 (2.0) | 5.0 (5.0) |" in md
     assert "sdpa-cudnn | - | - | RuntimeError: no kernel" in md
     assert "- front door: 1.5 (1.5)" in md
+
+
+def test_decode_suite_renders_every_timing_mode():
+    from blackwell_sparsek import bench_decode as bd
+
+    ours = dict(peer="ours", B=1, L=131072, eager_ms=0.03, graph_ms=0.0235, layers_ms=0.0193,
+                bytes=13_000_000, graph_GBps=553.0, cache_bytes_per_seq_per_layer=15 * 2**20,
+                candidates_mean=3900.0)
+    for p, ms in (("sdpa-cudnn", 0.18), ("sdpa-flash", 0.2)):
+        for mode in ("eager", "graph", "layers"):
+            ours[f"speedup_{mode}_vs_{p}"] = ms / ours[f"{mode}_ms"]
+    peer = dict(peer="sdpa-cudnn", B=1, L=131072, eager_ms=0.18, graph_ms=0.18, layers_ms=0.18,
+                bytes=536_870_912, graph_GBps=2982.6)
+    report = dict(env={"gpu": "X"}, copy_GBps=3000.0,
+                  check=dict(B=2, L=3000, steps=4, k=256, w=128, rel_err=2e-3,
+                             rel_err_rounding=1.6e-3, ok=True),
+                  results=[ours, peer, dict(peer="sdpa-flash", B=1, L=131072, error="RuntimeError: x")])
+    md = bd.render(report)
+    assert "| B | L | peer | eager ms | graph ms | layers ms |" in md
+    assert "| 1 | 131072 | ours | 0.0300 | 0.0235 | 0.0193 | 553 | 18% | 6.0x / 7.7x / 9.3x vs sdpa-cudnn" in md
+    assert "| 1 | 131072 | sdpa-cudnn | 0.1800 | 0.1800 | 0.1800 | 2983 | 99% |  |" in md
+    assert "| 1 | 131072 | sdpa-flash | error: RuntimeError: x | | | | | |" in md
+    assert "15.00 MiB per sequence per layer" in md and ": ok" in md
