@@ -80,13 +80,34 @@ def layers_ms(fns):
     return time_calls(graph_calls([all_calls]))["median_ms"] / len(fns)
 
 
+def rotated_caches(B, L, l2):
+    """(cache, step inputs) pairs, one per layer, enough that their caches are >= 4x L2 (at most
+    16): no step reads a cache the previous one left in L2."""
+    pairs = []
+    while not pairs or (len(pairs) * pairs[0][0].nbytes < 4 * l2 and len(pairs) < 16):
+        pairs.append((make_cache(B, L, seed=len(pairs)), step_inputs(B, 101 + len(pairs), L)))
+    return pairs
+
+
+def peer_call(name, q, kc, vc):
+    """One dense decoding call of peer `name` on q [B, Hq, 1, D] and a BHSD K/V cache."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import blackwell_sparsek as bsk
+    if name == "ours-dense":  # our dense attention, Sq = 1, on the same BHSD cache (BSHD views)
+        return lambda: bsk.attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2))
+    backend = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+               "sdpa-flash": SDPBackend.FLASH_ATTENTION}[name]
+
+    def fn():
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+    return fn
+
+
 def run_ours(B, L, l2):
-    caches, fns = [], []
-    while not caches or (len(caches) * caches[0].nbytes < 4 * l2 and len(caches) < 16):
-        c = make_cache(B, L, seed=len(caches))
-        caches.append(c)
-        x = step_inputs(B, 100 + len(caches), L)
-        fns.append(lambda c=c, x=x: c.step(*x))
+    pairs = rotated_caches(B, L, l2)
+    caches = [c for c, _ in pairs]
+    fns = [lambda c=c, x=x: c.step(*x) for c, x in pairs]
     per_cache = caches[0].nbytes
     for c in caches:
         c.check()
@@ -102,22 +123,11 @@ def run_ours(B, L, l2):
 
 
 def run_peer(name, B, L):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    import blackwell_sparsek as bsk
     g = torch.Generator(device="cuda").manual_seed(1)
     kc = torch.empty(B, HKV, L, D, device="cuda", dtype=torch.bfloat16).normal_(generator=g)
     vc = torch.empty_like(kc).normal_(generator=g)
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    if name == "ours-dense":  # our dense attention, Sq = 1, on the same BHSD cache (BSHD views)
-        def fn():
-            return bsk.attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2))
-    else:
-        backend = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-                   "sdpa-flash": SDPBackend.FLASH_ATTENTION}[name]
-
-        def fn():
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+    fn = peer_call(name, q, kc, vc)
     try:
         eager = time_calls([fn])
         graph = time_calls(graph_calls([fn]))

@@ -158,9 +158,8 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
 // O^T += V^T P^T (each warp its own 16 rows, all D output dims; P^T transposed in registers from
 // the S^T accumulators), so the per-row work is a few mma instructions instead of a dot product
 // and a shuffle reduction per head (which made an earlier CUDA-core version issue-bound at ~55%
-// of the copy bandwidth). With splits > 1 the last
-// CTA of a group to finish combines the partials, in split order (deterministic); `counters`
-// (zeroed per launch) count the arrivals.
+// of the copy bandwidth). With splits > 1 the last CTA of a group to finish combines the
+// partials, in split order (deterministic); `counters` (zeroed per launch) count the arrivals.
 template <typename Elem, int kD>
 __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const DecodeParams<Elem> p) {
   using sm80::ldsm_x4;
@@ -352,7 +351,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     }
 #pragma unroll
     for (int mt = 0; mt < kDimTiles; ++mt)
-      acc[mt][0] *= alpha[0], acc[mt][1] *= alpha[1], acc[mt][2] *= alpha[0], acc[mt][3] *= alpha[1];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][e] *= alpha[e & 1];
     // P^T as the B operand of O^T += V^T P^T (k = row, n = head): the (row, head) weights are
     // two 8 x 8 matrices in the accumulator's row layout; transposed in registers they are b0
     // (rows 0-7) and b1 (rows 8-15).
@@ -379,7 +379,10 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   float* s_po = reinterpret_cast<float*>(smem_raw);
   if (gq == 0)
 #pragma unroll
-    for (int hc = 0; hc < 2; ++hc) s_wm[warp][2 * tq + hc] = mx[hc], s_wl[warp][2 * tq + hc] = den[hc];
+    for (int hc = 0; hc < 2; ++hc) {
+      s_wm[warp][2 * tq + hc] = mx[hc];
+      s_wl[warp][2 * tq + hc] = den[hc];
+    }
 #pragma unroll
   for (int mt = 0; mt < kDimTiles; ++mt)
 #pragma unroll

@@ -154,7 +154,8 @@ using BlockScanInt = cub::BlockScan<int, kSelectThreads>;
 // reached; returns how many it kept.
 template <class Mask, class Emit, class OnTile>
 __device__ __forceinline__ int block_compact_masks(int n, int limit, Mask&& mask, Emit&& emit,
-                                                   OnTile&& on_tile, BlockScanInt::TempStorage& tmp) {
+                                                   OnTile&& on_tile,
+                                                   BlockScanInt::TempStorage& tmp) {
   int seen = 0;
   for (int base = 0, t = 0; base < n && seen < limit; base += kSelectThreads * kItems, ++t) {
     on_tile(t, seen);
@@ -270,10 +271,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
   // Position of the k-th active key (j < m) in sorted order; the active keys before each tile of
   // that scan, so that counting those above the band below rescans one tile, not the prefix.
   __shared__ int s_before[kPrefixTiles];
-  block_compact_masks(p.n, p.k, [&](int p0) { return below_mask(sj, p0, p.n, m); },
-                      [&](int pos, int r) { if (r == p.k - 1) s_pos = pos; },
-                      [&](int t, int seen) { if (threadIdx.x == 0 && t < kPrefixTiles) s_before[t] = seen; },
-                      tmp.scan);
+  block_compact_masks(
+      p.n, p.k, [&](int p0) { return below_mask(sj, p0, p.n, m); },
+      [&](int pos, int r) { if (r == p.k - 1) s_pos = pos; },
+      [&](int t, int seen) { if (threadIdx.x == 0 && t < kPrefixTiles) s_before[t] = seen; },
+      tmp.scan);
   st.ck = s_pos;  // exists: m > k keys are active
   st.ref = su[st.ck];
 
@@ -317,7 +319,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
     // where the band overflowed it.
     auto for_each_band = [&](auto&& f) {
       if (in_smem) {
-        for (int i = threadIdx.x; i < nb; i += kSelectThreads) f(static_cast<double>(s_band[i]) - st.ref);
+        for (int i = threadIdx.x; i < nb; i += kSelectThreads)
+          f(static_cast<double>(s_band[i]) - st.ref);
       } else {
         for (int pos = p_hi + threadIdx.x; pos < p_lo; pos += kSelectThreads)
           if (sj[pos] < m) f(static_cast<double>(su[pos]) - st.ref);
@@ -474,8 +477,9 @@ __global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p
     const int64_t so = static_cast<int64_t>(seg) * p.n;
     const int last = p.rank[so + tj];
     const int* sj = p.sorted_j + so;
-    written = block_compact_masks(last + 1, INT_MAX, [&](int p0) { return below_mask(sj, p0, last + 1, m_first); },
-                                  [&](int pos, int r) { out[r] = sj[pos]; }, [](int, int) {}, tmp);
+    written = block_compact_masks(
+        last + 1, INT_MAX, [&](int p0) { return below_mask(sj, p0, last + 1, m_first); },
+        [&](int pos, int r) { out[r] = sj[pos]; }, [](int, int) {}, tmp);
     int* out_new = out + written;
     written += block_compact(
         m_last - m_first, INT_MAX,
