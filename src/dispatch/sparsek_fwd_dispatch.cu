@@ -151,9 +151,15 @@ void sparsek_fwd_cuda(const SparseKFwdArgs& a, int device, cudaStream_t stream) 
   // Empty problems and inputs TMA cannot describe stay on the sm80 kernel.
   const DenseFwdArgs& d = a.attn;
   const int64_t kv_size[3] = {d.batch, d.seqlen_k, d.heads_kv};
+  // The sm90 kernel addresses a gathered row by a 32-bit count of 16-byte units from its head's
+  // row 0 (2-byte elements), which covers 64 GiB of one sequence's rows.
+  auto rows_in_reach = [&](const int64_t stride[3]) {
+    return (d.seqlen_k - 1) * stride[1] * 2 / 16 < (int64_t(1) << 32);
+  };
   const bool sm90 = hopper_path_selected(device) && d.batch > 0 && d.seqlen_q > 0 &&
                     d.seqlen_k > 0 && d.heads_q > 0 && tma_describable(d.k, d.k_stride, kv_size) &&
-                    tma_describable(d.v, d.v_stride, kv_size);
+                    tma_describable(d.v, d.v_stride, kv_size) && rows_in_reach(d.k_stride) &&
+                    rows_in_reach(d.v_stride);
   switch (a.attn.dtype) {
     case DType::kFloat16: return run<__half>(a, sm90, stream);
     case DType::kBFloat16: return run<__nv_bfloat16>(a, sm90, stream);

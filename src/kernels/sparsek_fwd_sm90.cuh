@@ -33,6 +33,9 @@
 
 namespace bsk::kernels::sm90 {
 
+// An empty slot of a gathered block (past the list's end): its K/V chunks are zero-filled.
+constexpr uint32_t kNoRow = 0xffffffffu;
+
 template <typename Elem_, int kHeadDim_>
 struct SparseKConfig {
   // The dense kernel's tiles, MMAs and shared-memory layouts (128 x 128 blocks, 2 K/V stages).
@@ -55,9 +58,11 @@ struct SparseKConfig {
     // every row; bit 1, some gate is fractional. Zero lets the consumers skip the per-element
     // selection work: the best-ranked keys, most of a list, are in for every row with gate 1.
     uint32_t flags[kMetaSlots][4];
-    // Element offsets of the K and V rows of the block being loaded, per column (-1: zeros):
-    // computed once by the thread that reads the column's index, not by all 16 copying threads.
-    int64_t row_k[2][kBlockN], row_v[2][kBlockN];
+    // Offsets of the K and V rows of the block being loaded, in 16-byte units from the head's
+    // row 0 (kNoRow: zeros), computed once by the thread that reads the column's index, not by
+    // all 16 copying threads. Stored in copy order (see the producer) so that one 16-byte load
+    // fetches four of a thread's rows.
+    alignas(16) uint32_t row_k[2][kBlockN], row_v[2][kBlockN];
     SparseKRow bound[4];  // per producer warp: max threshold key, min m, max gate offset
     uint64_t full_q, full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
   };
@@ -137,6 +142,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
                                                        *reinterpret_cast<uint128_t*>(dst), valid);
     };
+    // The gathered rows' copies: CuTe's zero-filling copy above takes a byte count, which ptxas
+    // turned into ~20 instructions per 16-byte copy around a 64-bit offset; a copy here is a
+    // 32-bit offset scaled into the address (one IMAD.WIDE) and cp.async's ignore-src predicate.
+    auto cp16_row = [](const char* base, uint32_t off16, Elem* dst) {
+      const bool none = off16 == kNoRow;
+      const char* src = base + static_cast<uint64_t>(none ? 0u : off16) * 16u;
+      asm volatile(
+          "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
+          " cp.async.cg.shared.global.L2::128B [%0], [%1], 16, p;\n}\n" ::"r"(
+              static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+          "l"(src), "r"(static_cast<uint32_t>(none)));
+    };
     // The stage's "full" barrier completes when every producer thread's copies have landed
     // (cp.async.mbarrier.arrive.noinc: the hardware arrives once the thread's earlier cp.async
     // are done, so no thread waits for its own copies) and, for Q and K, when every producer
@@ -181,14 +198,29 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       ss.bound[0] = bound;
     }
 
-    // This thread's 16-byte chunks of a K or V tile whose rows start at src + off[] (off < 0:
-    // zero-filled); dst is the thread's first chunk in the stage.
-    auto copy_rows = [&](const int64_t* off, const Elem* src, Elem* dst) {
+    // This thread's 16-byte chunks of a K or V tile: rows r0 + i * kRowsPerPass, whose offsets
+    // lie at off[r0 * kRowsPerThread + i] (copy order, written by `slot_of` below); base is the
+    // head's row 0 plus this thread's column; dst is its first chunk in the stage.
+    constexpr int kRowsPerThread = BN / kRowsPerPass;
+    static_assert(kRowsPerThread % 4 == 0);
+    auto copy_rows = [&](const uint32_t* off, const char* base, Elem* dst) {
       CUTE_UNROLL
-      for (int i = 0; i < BN / kRowsPerPass; ++i) {
-        const int64_t o = off[r0 + i * kRowsPerPass];
-        cp16(src + (o >= 0 ? o : 0) + c, dst + i * kPassElems, o >= 0);
+      for (int i = 0; i < kRowsPerThread; i += 4) {
+        const uint4 o = *reinterpret_cast<const uint4*>(off + r0 * kRowsPerThread + i);
+        cp16_row(base, o.x, dst + (i + 0) * kPassElems);
+        cp16_row(base, o.y, dst + (i + 1) * kPassElems);
+        cp16_row(base, o.z, dst + (i + 2) * kPassElems);
+        cp16_row(base, o.w, dst + (i + 3) * kPassElems);
       }
+    };
+    const int slot_of = (tid % kRowsPerPass) * kRowsPerThread + tid / kRowsPerPass;
+    const char* k_base = reinterpret_cast<const char*>(kg + c);
+    const char* v_base = reinterpret_cast<const char*>(vg + c);
+    // Row j's offset in 16-byte units (the dispatch keeps K/V whose rows lie within 2^32 such
+    // units of row 0 on this path; the strides are multiples of 8 elements).
+    auto off16 = [](int j, int64_t stride) {
+      return j >= 0 ? static_cast<uint32_t>(static_cast<uint64_t>(j) * stride * sizeof(Elem) / 16)
+                    : kNoRow;
     };
     // A window block is contiguous: thread 0 loads it with two TMA boxes (one per 64 columns,
     // into the 16 KB of 128 swizzled lines each occupies), the bytes counted on the stage's
@@ -215,14 +247,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int jc = j_next;
       const float x = x_next;
       const int buf = nb & 1;
-      ss.row_k[buf][tid] = jc >= 0 ? jc * at.k_ss : -1;
-      ss.row_v[buf][tid] = jc >= 0 ? jc * at.v_ss : -1;
+      ss.row_k[buf][slot_of] = off16(jc, at.k_ss);
+      ss.row_v[buf][slot_of] = off16(jc, at.v_ss);
       // Also orders the previous block's reads of this buffer (two blocks ago) before the write
       // above for every thread: each passed the previous barrier after its last read.
       cutlass::arch::NamedBarrier::sync(128, 5);
       if (nb + 1 < n_blocks) j_next = cta.key_row(p, nb + 1, tid);
       acquire(&ss.empty_k[s], parity);
-      if (nb < sel_blocks) copy_rows(ss.row_k[buf], kg, &sK(r0, c, s));
+      if (nb < sel_blocks) copy_rows(ss.row_k[buf], k_base, &sK(r0, c, s));
       else if (tid == 0) load_block(&pp.block_k, &ss.full_k[s], sK, s, cta.window_start(nb));
       copies_arrive(&ss.full_k[s]);
       if (nb < sel_blocks) {
@@ -241,7 +273,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
       Bar::arrive(&ss.full_k[s]);
       acquire(&ss.empty_v[s], parity);
-      if (nb < sel_blocks) copy_rows(ss.row_v[buf], vg, &sV(r0, c, s));
+      if (nb < sel_blocks) copy_rows(ss.row_v[buf], v_base, &sV(r0, c, s));
       else if (tid == 0) load_block(&pp.block_v, &ss.full_v[s], sV, s, cta.window_start(nb));
       copies_arrive(&ss.full_v[s]);
       if (nb + 1 < n_blocks) x_next = score_of(nb + 1, j_next);
@@ -284,23 +316,40 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // rescales O in corr.
     auto softmax = [&](int nb) {
       const int slot = nb % kMeta;
-      // Selected blocks where some row drops a key or has a fractional gate; the others are
-      // dense blocks (same results: the skipped mask changes nothing and the gates are 1).
-      const bool selected = nb < sel_blocks && (ss.flags[slot][0] | ss.flags[slot][1] |
-                                                ss.flags[slot][2] | ss.flags[slot][3]) != 0;
+      // Per selected block, two independent steps: the gates where some gate is fractional (most
+      // of a list under soft gates), the mask where some row drops a key (the list's last
+      // blocks). Blocks with neither are dense blocks (same results: the skipped mask changes
+      // nothing and the gates are 1). The gate goes first: a masked logit is -inf, and a zero
+      // gate times -inf would be NaN.
+      uint32_t flags = 0;
+      if (nb < sel_blocks)
+        flags = ss.flags[slot][0] | ss.flags[slot][1] | ss.flags[slot][2] | ss.flags[slot][3];
       // A thread's columns come in adjacent pairs (even first): one 16-byte load of their keys
-      // and one 8-byte load of their gate offsets serve both of its rows (half the shared-memory
+      // or one 8-byte load of their gate offsets serves both of its rows (half the shared-memory
       // instructions, which share the MIO queue with the wgmmas).
       static_assert(size<1>(S) % 2 == 0);
-      if (selected) {
+      if ((flags & 2u) && p.gate_logits) {
+        float rb[kRows];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) rb[r] = ss.rows[pos_of(r)].b;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); c += 2) {
+          const float2 d2 = *reinterpret_cast<const float2*>(&ss.du[slot][get<1>(cSrc(0, c))]);
+          CUTE_UNROLL
+          for (int r = 0; r < kRows; ++r) {
+            S(r, c) *= __saturatef(d2.x - rb[r]);
+            S(r, c + 1) *= __saturatef(d2.y - rb[r]);
+          }
+        }
+      }
+      if (flags & 1u) {
         SparseKRow rw[kRows];
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) rw[r] = ss.rows[pos_of(r)];
         CUTE_UNROLL
         for (int c = 0; c < size<1>(S); c += 2) {
-          const int col = get<1>(cSrc(0, c));
-          const ulonglong2 k2 = *reinterpret_cast<const ulonglong2*>(&ss.key[slot][col]);
-          const float2 d2 = *reinterpret_cast<const float2*>(&ss.du[slot][col]);
+          const ulonglong2 k2 =
+              *reinterpret_cast<const ulonglong2*>(&ss.key[slot][get<1>(cSrc(0, c))]);
           CUTE_UNROLL
           for (int r = 0; r < kRows; ++r) {
             CUTE_UNROLL
@@ -309,12 +358,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
               if (key < rw[r].thr_key ||
                   static_cast<uint32_t>(key) >= static_cast<uint32_t>(rw[r].m))
                 S(r, c + e) = kNegInf;
-              else if (p.gate_logits)
-                S(r, c + e) *= __saturatef((e ? d2.y : d2.x) - rw[r].b);
             }
           }
         }
-      } else if (nb >= sel_blocks) {
+      }
+      if (nb >= sel_blocks) {
         const int n0 = cta.window_start(nb);
         if (n0 <= cta.i_last - p.window || n0 + BN - 1 > cta.i_first) {  // not inside every row's window
           CUTE_UNROLL
@@ -332,7 +380,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // The value weights of a selected block, apart: inside online_softmax the gate turned
       // into per-element work (shared-memory loads, index math) on every block, the window's
       // and the all-gates-1 ones too, and doubled the instructions per block.
-      if (selected) {
+      if (flags & 2u) {
         float rb[kRows];
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) rb[r] = ss.rows[pos_of(r)].b;
