@@ -311,6 +311,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int r = 0; r < kRows; ++r) row_m[r] = kNegInf, row_l[r] = 0.f;
     clear(tOrO);
 
+    // S *= the gates of meta slot `slot`'s columns, per row.
+    auto gate = [&](int slot) {
+      float rb[kRows];
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) rb[r] = ss.rows[pos_of(r)].b;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(S); c += 2) {
+        const float2 d2 = *reinterpret_cast<const float2*>(&ss.du[slot][get<1>(cSrc(0, c))]);
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          S(r, c) *= __saturatef(d2.x - rb[r]);
+          S(r, c + 1) *= __saturatef(d2.y - rb[r]);
+        }
+      }
+    };
     // Mask, gate and online softmax of block nb's S: leaves the P V weights in S (gated for
     // selected keys; the denominator takes the ungated weight, spec table) and the factor that
     // rescales O in corr.
@@ -328,20 +343,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // or one 8-byte load of their gate offsets serves both of its rows (half the shared-memory
       // instructions, which share the MIO queue with the wgmmas).
       static_assert(size<1>(S) % 2 == 0);
-      if ((flags & 2u) && p.gate_logits) {
-        float rb[kRows];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) rb[r] = ss.rows[pos_of(r)].b;
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); c += 2) {
-          const float2 d2 = *reinterpret_cast<const float2*>(&ss.du[slot][get<1>(cSrc(0, c))]);
-          CUTE_UNROLL
-          for (int r = 0; r < kRows; ++r) {
-            S(r, c) *= __saturatef(d2.x - rb[r]);
-            S(r, c + 1) *= __saturatef(d2.y - rb[r]);
-          }
-        }
-      }
+      if ((flags & 2u) && p.gate_logits) gate(slot);
       if (flags & 1u) {
         SparseKRow rw[kRows];
         CUTE_UNROLL
@@ -380,20 +382,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // The value weights of a selected block, apart: inside online_softmax the gate turned
       // into per-element work (shared-memory loads, index math) on every block, the window's
       // and the all-gates-1 ones too, and doubled the instructions per block.
-      if (flags & 2u) {
-        float rb[kRows];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) rb[r] = ss.rows[pos_of(r)].b;
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); c += 2) {
-          const float2 d2 = *reinterpret_cast<const float2*>(&ss.du[slot][get<1>(cSrc(0, c))]);
-          CUTE_UNROLL
-          for (int r = 0; r < kRows; ++r) {
-            S(r, c) *= __saturatef(d2.x - rb[r]);
-            S(r, c + 1) *= __saturatef(d2.y - rb[r]);
-          }
-        }
-      }
+      if (flags & 2u) gate(slot);
     };
     auto convert_p = [&] {
       CUTE_UNROLL
