@@ -3,8 +3,8 @@
 // from registers, S(n) overlapped with P(n-1) V(n-1)) fed by a producer warpgroup that loads
 // window blocks with TMA boxes and gathers the selected key rows with cp.async. Same CTA as the sm80 SparseK kernel
 // (sparsek_fwd_sm80.cuh): 128 rows = `heads` query heads of one KV group x 128 / heads positions,
-// over two kinds of 128-key blocks in one online softmax: the block's selected keys (list from
-// sparsek_select.cuh, masked per row by the threshold key and gated), then the window band.
+// over two kinds of 128-key blocks in one online softmax: the window band, then the block's
+// selected keys (list from sparsek_select.cuh, masked per row by the threshold key and gated).
 //
 // Why selected rows come by cp.async and not TMA: they are arbitrary rows, TMA's row gather
 // (tile::gather4) exists only on sm_100, and one-row TMA boxes (two per row at D = 128) measured
@@ -97,8 +97,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
   if (threadIdx.x == 0) {
-    // Producer arrivals per phase: 128 for the copies (noinc), + 128 after the plain stores.
-    Bar::init(&ss.full_q, 256);
+    // Producer arrivals per phase: 128 for the copies (noinc), + 128 after the plain stores
+    // (K: the column selection state; Q has none).
+    Bar::init(&ss.full_q, 128);
     for (int s = 0; s < kStages; ++s) {
       Bar::init(&ss.full_k[s], 256);
       Bar::init(&ss.full_v[s], 128);
@@ -118,8 +119,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const DenseFwdParams<RawElem>& at = p.attn;
   const SparseKCta<BN, RawElem> cta(p, BM);
   const int positions = cta.positions, h0 = cta.h0, b = cta.b, m0 = cta.m0, diag = cta.diag;
-  const int sel_blocks = cta.sel_blocks, n_blocks = cta.n_blocks;
+  const int sel_blocks = cta.sel_blocks, n_blocks = cta.n_blocks, win_blocks = cta.win_blocks;
   const float u_ref = cta.u_ref;
+  // The kernel's block order: the window band first, then the list (SparseKCta numbers the list
+  // first). A window block's TMA load needs nothing but the CTA's position, so the first block
+  // lands while the list's index loads and gathers are still on their way.
+  auto cta_block = [&](int nb) { return nb < win_blocks ? sel_blocks + nb : nb - win_blocks; };
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
@@ -156,9 +161,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     };
     // The stage's "full" barrier completes when every producer thread's copies have landed
     // (cp.async.mbarrier.arrive.noinc: the hardware arrives once the thread's earlier cp.async
-    // are done, so no thread waits for its own copies) and, for Q and K, when every producer
-    // thread has also arrived normally after writing the plain shared-memory data that goes with
-    // them (row and column selection state): the normal arrive releases those stores.
+    // are done, so no thread waits for its own copies) and, for K, when every producer thread
+    // has also arrived normally after writing the plain shared-memory data that goes with it
+    // (row and column selection state): the normal arrive releases those stores.
     auto acquire = [&](uint64_t* empty, int parity) { Bar::wait(empty, parity); };
     auto copies_arrive = [](uint64_t* full) { cutlass::arch::cpasync_barrier_arrive_noinc(full); };
 
@@ -167,37 +172,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const bool valid = t < at.seqlen_q;
       cp16(qg + h * at.q_sh + (valid ? t : 0) * at.q_ss + c, &sQ(r, c), valid);
     }
-    // The rows' selection state goes to shared memory, not consumer registers (which the two
-    // accumulators already fill). Bounds over the valid rows, for the per-block flags: a column whose key beats the highest
-    // threshold, whose index is below the fewest candidates and whose u clears the largest gate
-    // offset by 1 is selected by every row with gate 1.
-    SparseKRow bound{0ull, INT_MAX, kNegInf};
-    if (tid < positions) {
-      const SparseKRow row = cta.row(p, m0 + tid);
-      ss.rows[tid] = row;
-      if (m0 + tid < at.seqlen_q) bound = row;
-    }
     copies_arrive(&ss.full_q);
-    Bar::arrive(&ss.full_q);
-    auto widen = [](SparseKRow& x, unsigned long long thr_key, int m, float b) {
-      x.thr_key = max(x.thr_key, thr_key);
-      x.m = min(x.m, m);
-      x.b = fmaxf(x.b, b);
-    };
-    CUTE_UNROLL
-    for (int o = 16; o > 0; o /= 2)
-      widen(bound, __shfl_xor_sync(0xffffffffu, bound.thr_key, o),
-            __shfl_xor_sync(0xffffffffu, bound.m, o), __shfl_xor_sync(0xffffffffu, bound.b, o));
-    if (tid % 32 == 0) ss.bound[tid / 32] = bound;
-    cutlass::arch::NamedBarrier::sync(128, 5);  // producer warpgroup only
-    // Thread 0 combines the warps' bounds into ss.bound[0]; the other threads read it only after
-    // the first block's barrier below. Kept in shared memory: the producer has 24 registers.
-    if (tid == 0) {
-      CUTE_UNROLL
-      for (int w = 1; w < 4; ++w) widen(bound, ss.bound[w].thr_key, ss.bound[w].m, ss.bound[w].b);
-      ss.bound[0] = bound;
-    }
-
     // This thread's 16-byte chunks of a K or V tile: rows r0 + i * kRowsPerPass, whose offsets
     // lie at off[r0 * kRowsPerThread + i] (copy order, written by `slot_of` below); base is the
     // head's row 0 plus this thread's column; dst is its first chunk in the stage.
@@ -222,6 +197,40 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       return j >= 0 ? static_cast<uint32_t>(static_cast<uint64_t>(j) * stride * sizeof(Elem) / 16)
                     : kNoRow;
     };
+    // The rows' selection state goes to shared memory, not consumer registers (which the two
+    // accumulators already fill), published with the first block's K barrier, not Q's (consumers
+    // read it only in selected blocks, so the first Q K^T does not wait for its loads). Bounds over
+    // the valid rows, for the per-block flags: a column whose key beats the highest threshold,
+    // whose index is below the fewest candidates and whose u clears the largest gate offset by
+    // 1 is selected by every row with gate 1.
+    auto widen = [](SparseKRow& x, unsigned long long thr_key, int m, float b) {
+      x.thr_key = max(x.thr_key, thr_key);
+      x.m = min(x.m, m);
+      x.b = fmaxf(x.b, b);
+    };
+    auto write_rows = [&] {
+      SparseKRow bound{0ull, INT_MAX, kNegInf};
+      if (tid < positions) {
+        const SparseKRow row = cta.row(p, m0 + tid);
+        ss.rows[tid] = row;
+        if (m0 + tid < at.seqlen_q) bound = row;
+      }
+      CUTE_UNROLL
+      for (int o = 16; o > 0; o /= 2)
+        widen(bound, __shfl_xor_sync(0xffffffffu, bound.thr_key, o),
+              __shfl_xor_sync(0xffffffffu, bound.m, o), __shfl_xor_sync(0xffffffffu, bound.b, o));
+      if (tid % 32 == 0) ss.bound[tid / 32] = bound;
+      cutlass::arch::NamedBarrier::sync(128, 5);  // producer warpgroup only
+      // Thread 0 combines the warps' bounds into ss.bound[0]. Kept in shared memory: the
+      // producer has 24 registers.
+      if (tid == 0) {
+        CUTE_UNROLL
+        for (int w = 1; w < 4; ++w)
+          widen(bound, ss.bound[w].thr_key, ss.bound[w].m, ss.bound[w].b);
+        ss.bound[0] = bound;
+      }
+      cutlass::arch::NamedBarrier::sync(128, 5);
+    };
     // A window block is contiguous: thread 0 loads it with two TMA boxes (one per 64 columns,
     // into the 16 KB of 128 swizzled lines each occupies), the bytes counted on the stage's
     // barrier; the other threads' copy arrivals still come (with no copies of theirs pending),
@@ -239,11 +248,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // Per block, each producer thread fetches the global row of one key column (one list read)
     // and its score; the rows' offsets go through shared memory to the 16 threads copying each
     // row. The next block's index and score are fetched while this block's copies are issued.
-    auto score_of = [&](int nb, int j) { return nb < sel_blocks && j >= 0 ? ug[j * p.u_sj] : 0.f; };
-    int j_next = n_blocks > 0 ? cta.key_row(p, 0, tid) : -1;
-    float x_next = score_of(0, j_next);
+    auto score_of = [&](int cb, int j) { return cb < sel_blocks && j >= 0 ? ug[j * p.u_sj] : 0.f; };
+    write_rows();
+    int j_next = n_blocks > 0 ? cta.key_row(p, cta_block(0), tid) : -1;
+    float x_next = score_of(cta_block(0), j_next);
     for (int nb = 0; nb < n_blocks; ++nb) {
       const int s = nb % kStages, parity = ((nb / kStages) & 1) ^ 1;
+      const int cb = cta_block(nb);
+      const bool sel = cb < sel_blocks;
       const int jc = j_next;
       const float x = x_next;
       const int buf = nb & 1;
@@ -252,12 +264,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // Also orders the previous block's reads of this buffer (two blocks ago) before the write
       // above for every thread: each passed the previous barrier after its last read.
       cutlass::arch::NamedBarrier::sync(128, 5);
-      if (nb + 1 < n_blocks) j_next = cta.key_row(p, nb + 1, tid);
+      if (nb + 1 < n_blocks) j_next = cta.key_row(p, cta_block(nb + 1), tid);
       acquire(&ss.empty_k[s], parity);
-      if (nb < sel_blocks) copy_rows(ss.row_k[buf], k_base, &sK(r0, c, s));
-      else if (tid == 0) load_block(&pp.block_k, &ss.full_k[s], sK, s, cta.window_start(nb));
+      if (sel) copy_rows(ss.row_k[buf], k_base, &sK(r0, c, s));
+      else if (tid == 0) load_block(&pp.block_k, &ss.full_k[s], sK, s, cta.window_start(cb));
       copies_arrive(&ss.full_k[s]);
-      if (nb < sel_blocks) {
+      if (sel) {
         const int slot = nb % kMeta;
         // An empty slot's index 0xffffffff is past every m: never selected.
         const unsigned long long key = jc >= 0 ? sparsek_key(x, jc) : 0xffffffffull;
@@ -273,10 +285,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
       Bar::arrive(&ss.full_k[s]);
       acquire(&ss.empty_v[s], parity);
-      if (nb < sel_blocks) copy_rows(ss.row_v[buf], v_base, &sV(r0, c, s));
-      else if (tid == 0) load_block(&pp.block_v, &ss.full_v[s], sV, s, cta.window_start(nb));
+      if (sel) copy_rows(ss.row_v[buf], v_base, &sV(r0, c, s));
+      else if (tid == 0) load_block(&pp.block_v, &ss.full_v[s], sV, s, cta.window_start(cb));
       copies_arrive(&ss.full_v[s]);
-      if (nb + 1 < n_blocks) x_next = score_of(nb + 1, j_next);
+      if (nb + 1 < n_blocks) x_next = score_of(cta_block(nb + 1), j_next);
     }
     // Exiting is safe with copies in flight: they complete and arrive on their own.
     static_assert(BN == 128, "one producer thread per key column");
@@ -336,8 +348,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // blocks). Blocks with neither are dense blocks (same results: the skipped mask changes
       // nothing and the gates are 1). The gate goes first: a masked logit is -inf, and a zero
       // gate times -inf would be NaN.
+      const int cb = cta_block(nb);
       uint32_t flags = 0;
-      if (nb < sel_blocks)
+      if (cb < sel_blocks)
         flags = ss.flags[slot][0] | ss.flags[slot][1] | ss.flags[slot][2] | ss.flags[slot][3];
       // A thread's columns come in adjacent pairs (even first): one 16-byte load of their keys
       // or one 8-byte load of their gate offsets serves both of its rows (half the shared-memory
@@ -364,8 +377,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           }
         }
       }
-      if (nb >= sel_blocks) {
-        const int n0 = cta.window_start(nb);
+      if (cb >= sel_blocks) {
+        const int n0 = cta.window_start(cb);
         if (n0 <= cta.i_last - p.window || n0 + BN - 1 > cta.i_first) {  // not inside every row's window
           CUTE_UNROLL
           for (int r = 0; r < kRows; ++r) {
