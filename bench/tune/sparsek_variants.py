@@ -6,9 +6,11 @@ same CTA count and key blocks per CTA. Kernel durations from torch.profiler, med
 
 With a filter, only the variants whose name contains it run, one call each (for Nsight Compute).
 
-Rows: key_value / value / none (gates), window-only (k=0, w=k+w: no list, no per-element
+Rows: key_value twice on persistent CTAs (A) and twice with a CTA per tile (B, the same kernel under
+BSK_SPARSEK_PERSISTENT=0), value / none (gates), window-only (k=0, w=k+w: no list, no per-element
 selection), dense non-causal Skv = 26 blocks (TMA loads, no gathers), dense causal S.
 """
+import os
 import statistics
 import sys
 
@@ -38,9 +40,27 @@ def kernel_us(fn, reps=5):
     return {n: statistics.median(t) for n, t in per.items() if len(t) >= reps}
 
 
+
+
+def one_cta_per_tile(fn):
+    """The fused kernel with a CTA per tile instead of persistent CTAs (the same kernel)."""
+    def run():
+        os.environ["BSK_SPARSEK_PERSISTENT"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["BSK_SPARSEK_PERSISTENT"]
+    return run
+
+
 skv = 26 * 128
+kv = lambda: bsk.sparsek_attention(q, k, v, u, K, W, gate="key_value")  # noqa: E731
 variants = {
-    "sparsek key_value": lambda: bsk.sparsek_attention(q, k, v, u, K, W, gate="key_value"),
+    # A/B twice, interleaved: run-to-run clock drift on these GPUs is several percent.
+    "sparsek key_value (A: persistent)": kv,
+    "sparsek key_value (B: CTA per tile)": one_cta_per_tile(kv),
+    "sparsek key_value (A again)": kv,
+    "sparsek key_value (B again)": one_cta_per_tile(kv),
     "sparsek value": lambda: bsk.sparsek_attention(q, k, v, u, K, W, gate="value"),
     "sparsek none": lambda: bsk.sparsek_attention(q, k, v, u, K, W, gate="none"),
     "sparsek window-only (k=0, w=k+w)": lambda: bsk.sparsek_attention(q, k, v, u, 0, K + W),

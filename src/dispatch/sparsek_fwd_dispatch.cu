@@ -3,6 +3,8 @@
 // memory comes from libbsk's stream-ordered pool (dispatch/workspace.h), never cudaMalloc.
 // Four kernel instantiations per path (2 dtypes x 2 head dims): sm90 (Hopper) where the dense
 // path selection picks Hopper (hopper_path_selected), sm80 elsewhere.
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "bsk/error.h"
@@ -83,8 +85,21 @@ void launch_attention_sm90(const SparseKFwdArgs& a, const kernels::SparseKFwdPar
   const kernels::sm90::SparseKTmaMaps maps{
       block_tma<Elem>(d.k, d.k_stride, d.seqlen_k, d.heads_kv, d.batch, kHeadDim),
       block_tma<Elem>(d.v, d.v_stride, d.seqlen_k, d.heads_kv, d.batch, kHeadDim)};
+  // Persistent: one CTA per SM (the shared memory allows no second), never more than tiles.
   const int positions = 128 / p.heads;
-  const dim3 grid((d.seqlen_q + positions - 1) / positions, d.heads_q / p.heads, d.batch);
+  const int64_t tiles =
+      int64_t((d.seqlen_q + positions - 1) / positions) * (d.heads_q / p.heads) * d.batch;
+  if (tiles >= (int64_t(1) << 31))
+    throw Unsupported("SparseK attention: more than 2^31 tiles of 128 rows in one call");
+  int device = 0;
+  BSK_CUDA_CHECK(cudaGetDevice(&device));
+  // BSK_SPARSEK_PERSISTENT=0: a CTA per tile instead (the same kernel; for A/B timings).
+  const char* persistent = std::getenv("BSK_SPARSEK_PERSISTENT");
+  const int64_t ctas = persistent != nullptr && std::string(persistent) == "0"
+                           ? tiles
+                           : std::min<int64_t>(tiles, device_sm_count(device));
+  const int grid = static_cast<int>(ctas);
+  if (grid == 0) return;
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
   BSK_CUDA_CHECK_LAUNCH();
 }
@@ -111,7 +126,7 @@ void run(const SparseKFwdArgs& a, bool sm90, cudaStream_t stream) {
   p.count = plan.count();
   p.list_cap = plan.list_cap();
   p.list_tiles = plan.list_tiles();
-  p.heads_kv = d.heads_kv;
+  p.heads_kv = d.heads_kv, p.batch = d.batch;
   p.heads = heads;
   p.budget = a.budget;
   p.window = a.window;

@@ -197,6 +197,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 
 #ifdef BSK_SM90A_DEVICE
+// Epilogue of row r of O in (row, col) registers: the row's sum over the 4 threads that share it,
+// O scaled by its inverse (0 for a row that saw no key). Returns the sum.
+template <class TO>
+__device__ __forceinline__ float normalize_row(TO& O, int r, float l) {
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  CUTE_UNROLL
+  for (int c = 0; c < size<1>(O); ++c) O(r, c) *= inv;
+  return l;
+}
+
 // Online softmax of one S block in (row, col) registers: updates each row's running max and sum,
 // leaves in S the P V weights weight(r, c, p) of p = exp(S - max) (the sum takes p itself) and in
 // corr the factor that rescales O to the new max. Max and sums run on unscaled logits; the scale
@@ -551,12 +563,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // ---- epilogue: normalize, LSE from registers, O through shared memory + TMA store ----
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        float l = fin_l[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(O); ++c) O(r, c) *= inv;
+        const float l = normalize_row(O, r, fin_l[r]);
         const int row = m0 + get<0>(cOrc(r, 0));
         if (p.lse != nullptr && tid % 4 == 0 && row < p.seqlen_q)
           p.lse[x.b * p.lse_sb + x.h * p.lse_sh + row * p.lse_ss] =

@@ -38,7 +38,7 @@ struct SparseKFwdParams {
   const int* count;  // [B*Hkv, list_tiles]
   int list_cap, list_tiles;
   int heads;         // query heads per CTA (1, 2 or 4; divides Hq / Hkv)
-  int heads_kv;
+  int heads_kv, batch;
   int budget, window;
   bool gate_logits;  // "key_value"
 };
@@ -68,31 +68,45 @@ struct SparseKCta {
   int n_sel, sel_blocks, win_first, win_blocks, n_blocks;
   bool all_in;
 
-  __device__ SparseKCta(const SparseKFwdParams<Elem>& p, int rows) {
+  __device__ SparseKCta(const SparseKFwdParams<Elem>& p, int rows)
+      : SparseKCta(p, rows, blockIdx.x, blockIdx.y, blockIdx.z) {
+    load_selection(p);
+  }
+  // The geometry of tile (x, y, z) = (position block, head block, batch), with no memory reads:
+  // load_selection (or set_count with a count read elsewhere) completes it.
+  __device__ SparseKCta(const SparseKFwdParams<Elem>& p, int rows, int x, int y, int z) {
     const auto& at = p.attn;
     positions = rows / p.heads;
-    h0 = blockIdx.y * p.heads;
-    b = blockIdx.z;
+    h0 = y * p.heads;
+    b = z;
     hk = h0 / at.group;
     seg = b * p.heads_kv + hk;
-    m0 = blockIdx.x * positions;
+    m0 = x * positions;
     diag = at.seqlen_k - at.seqlen_q;  // row t sits at absolute position t + diag
     t_last = min(m0 + positions, at.seqlen_q) - 1;
     i_first = m0 + diag;
     i_last = t_last + diag;
-    const int m_last = cand(p, t_last);
-    u_ref = m_last > p.budget ? p.thr_u[thr_at(p, m_last)] : 0.f;
     const int lt = m0 / sparsek::kListRows;
-    const int64_t li = static_cast<int64_t>(seg) * p.list_tiles + lt;
-    n_sel = p.budget > 0 ? p.count[li] : 0;
-    list = p.list + li * p.list_cap;
+    list = p.list + (static_cast<int64_t>(seg) * p.list_tiles + lt) * p.list_cap;
     all_in = lt * sparsek::kListRows + diag - p.window + 1 <= p.budget;
-    sel_blocks = (n_sel + kBlockN - 1) / kBlockN;
     win_first = 0, win_blocks = 0;
     if (p.window > 0 && i_last >= 0) {
       win_first = max(0, i_first - p.window + 1) / kBlockN;
       win_blocks = i_last / kBlockN - win_first + 1;
     }
+    u_ref = 0.f;
+    set_count(0);
+  }
+  // The two reads: the list's length and a threshold score of the tile (the last row's).
+  __device__ void load_selection(const SparseKFwdParams<Elem>& p) {
+    const int m_last = cand(p, t_last);
+    u_ref = m_last > p.budget ? p.thr_u[thr_at(p, m_last)] : 0.f;
+    const int lt = m0 / sparsek::kListRows;
+    set_count(p.budget > 0 ? p.count[static_cast<int64_t>(seg) * p.list_tiles + lt] : 0);
+  }
+  __device__ void set_count(int n) {
+    n_sel = n;
+    sel_blocks = (n_sel + kBlockN - 1) / kBlockN;
     n_blocks = sel_blocks + win_blocks;
   }
   // Candidates of position t; 0 past Sq (never stored) and for k = 0.

@@ -48,12 +48,15 @@ struct SparseKConfig {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 
   struct SharedStorage {
-    cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutQ>, 1024> q;
+    // Q double-buffered (by tile parity), with the rows' state and list length that go with it:
+    // the producer fills the next tile's while the consumers work on this one.
+    cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutQ>, 1024> q[2];
     cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutK>, 1024> k;
     cute::array_aligned<Elem, cute::cosize_v<typename Base::SmemLayoutK>, 1024> v;
     alignas(16) unsigned long long key[kMetaSlots][kBlockN];  // 16-byte column-pair loads
     alignas(16) float du[kMetaSlots][kBlockN];
-    SparseKRow rows[kBlockM];  // per query position of the CTA (written by the producer)
+    SparseKRow rows[2][kBlockM];  // per query position of the tile (written by the producer)
+    int n_sel[2];                 // the tile's list length
     // Per selected block (meta slot) and producer warp: bit 0, some column is not selected by
     // every row; bit 1, some gate is fractional. Zero lets the consumers skip the per-element
     // selection work: the best-ranked keys, most of a list, are in for every row with gate 1.
@@ -63,8 +66,9 @@ struct SparseKConfig {
     // all 16 copying threads. Stored in copy order (see the producer) so that one 16-byte load
     // fetches four of a thread's rows.
     alignas(16) uint32_t row_k[2][kBlockN], row_v[2][kBlockN];
-    SparseKRow bound[4];  // per producer warp: max threshold key, min m, max gate offset
-    uint64_t full_q, full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
+    SparseKRow bound[2][4];  // per producer warp: max threshold key, min m, max gate offset
+    uint64_t full_q[2], empty_q[2];
+    uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA can have");
@@ -98,8 +102,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   SS& ss = *reinterpret_cast<SS*>(smem_raw);
   if (threadIdx.x == 0) {
     // Producer arrivals per phase: 128 for the copies (noinc), + 128 after the plain stores
-    // (K: the column selection state; Q has none).
-    Bar::init(&ss.full_q, 128);
+    // (Q: the list length; K: the column selection state).
+    for (int i = 0; i < 2; ++i) {
+      Bar::init(&ss.full_q[i], 256);
+      Bar::init(&ss.empty_q[i], kConsumers);  // Q buffer i and rows i free: the tile is done
+    }
     for (int s = 0; s < kStages; ++s) {
       Bar::init(&ss.full_k[s], 256);
       Bar::init(&ss.full_v[s], 128);
@@ -110,21 +117,29 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();
 
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Base::SmemLayoutQ{});
+  auto q_tile = [&](int i) {
+    return make_tensor(make_smem_ptr(ss.q[i].data()), typename Base::SmemLayoutQ{});
+  };
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Base::SmemLayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Base::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Base::SmemLayoutVt{});
 
-  // ---- the CTA's rows and key blocks (as in the sm80 kernel) ----
+  // ---- tiles: persistent CTAs take tiles (position block fastest, then the heads' block, then
+  // batch) round-robin; a tile's rows and key blocks are those of one sm80 CTA ----
   const DenseFwdParams<RawElem>& at = p.attn;
-  const SparseKCta<BN, RawElem> cta(p, BM);
-  const int positions = cta.positions, h0 = cta.h0, b = cta.b, m0 = cta.m0, diag = cta.diag;
-  const int sel_blocks = cta.sel_blocks, n_blocks = cta.n_blocks, win_blocks = cta.win_blocks;
-  const float u_ref = cta.u_ref;
+  const int positions = BM / p.heads, diag = at.seqlen_k - at.seqlen_q;
+  const int tiles_x = (at.seqlen_q + positions - 1) / positions;
+  const int tiles_y = p.heads_kv * at.group / p.heads, num_tiles = tiles_x * tiles_y * p.batch;
+  using Cta = SparseKCta<BN, RawElem>;
+  auto tile_cta = [&](int tile) {
+    return Cta(p, BM, tile % tiles_x, (tile / tiles_x) % tiles_y, tile / (tiles_x * tiles_y));
+  };
   // The kernel's block order: the window band first, then the list (SparseKCta numbers the list
-  // first). A window block's TMA load needs nothing but the CTA's position, so the first block
+  // first). A window block's TMA load needs nothing but the tile's position, so the first block
   // lands while the list's index loads and gathers are still on their way.
-  auto cta_block = [&](int nb) { return nb < win_blocks ? sel_blocks + nb : nb - win_blocks; };
+  auto cta_block = [](const Cta& cta, int nb) {
+    return nb < cta.win_blocks ? cta.sel_blocks + nb : nb - cta.win_blocks;
+  };
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
@@ -139,10 +154,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     constexpr int kPassElems = 64 * kRowsPerPass;
     static_assert(kRowsPerPass % 8 == 0);
     const int r0 = tid / kChunks, c = (tid % kChunks) * 8;
-    const auto* qg = reinterpret_cast<const Elem*>(at.q) + b * at.q_sb;
-    const auto* kg = reinterpret_cast<const Elem*>(at.k) + b * at.k_sb + cta.hk * at.k_sh;
-    const auto* vg = reinterpret_cast<const Elem*>(at.v) + b * at.v_sb + cta.hk * at.v_sh;
-    const float* ug = p.u + b * p.u_sb + cta.hk * p.u_sh;
     auto cp16 = [](const Elem* src, Elem* dst, bool valid) {
       SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
                                                        *reinterpret_cast<uint128_t*>(dst), valid);
@@ -159,20 +170,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
               static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
           "l"(src), "r"(static_cast<uint32_t>(none)));
     };
-    // The stage's "full" barrier completes when every producer thread's copies have landed
+    // A stage's "full" barrier completes when every producer thread's copies have landed
     // (cp.async.mbarrier.arrive.noinc: the hardware arrives once the thread's earlier cp.async
-    // are done, so no thread waits for its own copies) and, for K, when every producer thread
-    // has also arrived normally after writing the plain shared-memory data that goes with it
-    // (row and column selection state): the normal arrive releases those stores.
+    // are done, so no thread waits for its own copies) and, for Q and K, when every producer
+    // thread has also arrived normally after writing the plain shared-memory data that goes with
+    // them (list length; column selection state): the normal arrive releases those stores.
     auto acquire = [&](uint64_t* empty, int parity) { Bar::wait(empty, parity); };
     auto copies_arrive = [](uint64_t* full) { cutlass::arch::cpasync_barrier_arrive_noinc(full); };
-
-    for (int r = r0; r < BM; r += kRowsPerPass) {
-      const int t = m0 + r % positions, h = h0 + r / positions;
-      const bool valid = t < at.seqlen_q;
-      cp16(qg + h * at.q_sh + (valid ? t : 0) * at.q_ss + c, &sQ(r, c), valid);
-    }
-    copies_arrive(&ss.full_q);
     // This thread's 16-byte chunks of a K or V tile: rows r0 + i * kRowsPerPass, whose offsets
     // lie at off[r0 * kRowsPerThread + i] (copy order, written by `slot_of` below); base is the
     // head's row 0 plus this thread's column; dst is its first chunk in the stage.
@@ -189,8 +193,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
     };
     const int slot_of = (tid % kRowsPerPass) * kRowsPerThread + tid / kRowsPerPass;
-    const char* k_base = reinterpret_cast<const char*>(kg + c);
-    const char* v_base = reinterpret_cast<const char*>(vg + c);
     // Row j's offset in 16-byte units (the dispatch keeps K/V whose rows lie within 2^32 such
     // units of row 0 on this path; the strides are multiples of 8 elements).
     auto off16 = [](int j, int64_t stride) {
@@ -198,36 +200,36 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                     : kNoRow;
     };
     // The rows' selection state goes to shared memory, not consumer registers (which the two
-    // accumulators already fill), published with the first block's K barrier, not Q's (consumers
-    // read it only in selected blocks, so the first Q K^T does not wait for its loads). Bounds over
-    // the valid rows, for the per-block flags: a column whose key beats the highest threshold,
-    // whose index is below the fewest candidates and whose u clears the largest gate offset by
-    // 1 is selected by every row with gate 1.
+    // accumulators already fill), published with the K barriers, not Q's (consumers read it
+    // only in selected blocks, so the first Q K^T does not wait for its loads). Bounds over the
+    // valid rows, for the per-block flags: a column whose key beats the highest threshold, whose
+    // index is below the fewest candidates and whose u clears the largest gate offset by 1 is
+    // selected by every row with gate 1.
     auto widen = [](SparseKRow& x, unsigned long long thr_key, int m, float b) {
       x.thr_key = max(x.thr_key, thr_key);
       x.m = min(x.m, m);
       x.b = fmaxf(x.b, b);
     };
-    auto write_rows = [&] {
+    auto write_rows = [&](const Cta& cta, int qb) {
       SparseKRow bound{0ull, INT_MAX, kNegInf};
       if (tid < positions) {
-        const SparseKRow row = cta.row(p, m0 + tid);
-        ss.rows[tid] = row;
-        if (m0 + tid < at.seqlen_q) bound = row;
+        const SparseKRow row = cta.row(p, cta.m0 + tid);
+        ss.rows[qb][tid] = row;
+        if (cta.m0 + tid < at.seqlen_q) bound = row;
       }
       CUTE_UNROLL
       for (int o = 16; o > 0; o /= 2)
         widen(bound, __shfl_xor_sync(0xffffffffu, bound.thr_key, o),
               __shfl_xor_sync(0xffffffffu, bound.m, o), __shfl_xor_sync(0xffffffffu, bound.b, o));
-      if (tid % 32 == 0) ss.bound[tid / 32] = bound;
+      if (tid % 32 == 0) ss.bound[qb][tid / 32] = bound;
       cutlass::arch::NamedBarrier::sync(128, 5);  // producer warpgroup only
-      // Thread 0 combines the warps' bounds into ss.bound[0]. Kept in shared memory: the
+      // Thread 0 combines the warps' bounds into ss.bound[qb][0]. Kept in shared memory: the
       // producer has 24 registers.
       if (tid == 0) {
         CUTE_UNROLL
         for (int w = 1; w < 4; ++w)
-          widen(bound, ss.bound[w].thr_key, ss.bound[w].m, ss.bound[w].b);
-        ss.bound[0] = bound;
+          widen(bound, ss.bound[qb][w].thr_key, ss.bound[qb][w].m, ss.bound[qb][w].b);
+        ss.bound[qb][0] = bound;
       }
       cutlass::arch::NamedBarrier::sync(128, 5);
     };
@@ -237,58 +239,90 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // so both kinds of block complete the same barrier the same way. Only selected blocks are
     // gathered with cp.async, whose 16-byte copies load the MIO queue the wgmmas issue through.
     constexpr uint32_t kTileBytes = BN * D * sizeof(Elem);
-    auto load_block = [&](const TmaDescriptor* desc, uint64_t* full, auto& tile, int s, int row) {
+    auto load_block = [&](const TmaDescriptor* desc, uint64_t* full, auto& tile, int s, int row,
+                          const Cta& cta) {
       TB::expect_transaction(full, kTileBytes);
       CUTE_UNROLL
       for (int h = 0; h < D / 64; ++h)
         SM90_TMA_LOAD_4D::copy(desc, full,
                                static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                               &tile(0, 64 * h, s), 64 * h, row, cta.hk, b);
+                               &tile(0, 64 * h, s), 64 * h, row, cta.hk, cta.b);
     };
-    // Per block, each producer thread fetches the global row of one key column (one list read)
-    // and its score; the rows' offsets go through shared memory to the 16 threads copying each
-    // row. The next block's index and score are fetched while this block's copies are issued.
-    auto score_of = [&](int cb, int j) { return cb < sel_blocks && j >= 0 ? ug[j * p.u_sj] : 0.f; };
-    write_rows();
-    int j_next = n_blocks > 0 ? cta.key_row(p, cta_block(0), tid) : -1;
-    float x_next = score_of(cta_block(0), j_next);
-    for (int nb = 0; nb < n_blocks; ++nb) {
-      const int s = nb % kStages, parity = ((nb / kStages) & 1) ^ 1;
-      const int cb = cta_block(nb);
-      const bool sel = cb < sel_blocks;
-      const int jc = j_next;
-      const float x = x_next;
-      const int buf = nb & 1;
-      ss.row_k[buf][slot_of] = off16(jc, at.k_ss);
-      ss.row_v[buf][slot_of] = off16(jc, at.v_ss);
-      // Also orders the previous block's reads of this buffer (two blocks ago) before the write
-      // above for every thread: each passed the previous barrier after its last read.
-      cutlass::arch::NamedBarrier::sync(128, 5);
-      if (nb + 1 < n_blocks) j_next = cta.key_row(p, cta_block(nb + 1), tid);
-      acquire(&ss.empty_k[s], parity);
-      if (sel) copy_rows(ss.row_k[buf], k_base, &sK(r0, c, s));
-      else if (tid == 0) load_block(&pp.block_k, &ss.full_k[s], sK, s, cta.window_start(cb));
-      copies_arrive(&ss.full_k[s]);
-      if (sel) {
-        const int slot = nb % kMeta;
-        // An empty slot's index 0xffffffff is past every m: never selected.
-        const unsigned long long key = jc >= 0 ? sparsek_key(x, jc) : 0xffffffffull;
-        ss.key[slot][tid] = key;
-        ss.du[slot][tid] = x - u_ref;
-        // (x - u_ref) - b_row >= (x - u_ref) - bound.b in floats too: the consumers' gate is 1.
-        const SparseKRow bound = ss.bound[0];
-        const bool all_rows = jc >= 0 && key >= bound.thr_key && jc < bound.m;
-        const bool gate_one = jc < 0 || (x - u_ref) - bound.b >= 1.f;
-        const uint32_t f = (__any_sync(0xffffffffu, !all_rows) ? 1u : 0u) |
-                           (__any_sync(0xffffffffu, !gate_one) ? 2u : 0u);
-        if (tid % 32 == 0) ss.flags[slot][tid / 32] = f;
+
+    int g = 0;  // key blocks this CTA has loaded, over all its tiles (the rings' position)
+    for (int tile = blockIdx.x, it = 0; tile < num_tiles; tile += gridDim.x, ++it) {
+      Cta cta = tile_cta(tile);
+      cta.load_selection(p);
+      const int qb = it & 1, b = cta.b, n_blocks = cta.n_blocks, sel_blocks = cta.sel_blocks;
+      // Q and rows buffer qb are free once the consumers have finished tile it - 2.
+      acquire(&ss.empty_q[qb], ((it >> 1) & 1) ^ 1);
+      auto sQ = q_tile(qb);
+      const auto* qg = reinterpret_cast<const Elem*>(at.q) + b * at.q_sb;
+      for (int r = r0; r < BM; r += kRowsPerPass) {
+        const int t = cta.m0 + r % positions, h = cta.h0 + r / positions;
+        const bool valid = t < at.seqlen_q;
+        cp16(qg + h * at.q_sh + (valid ? t : 0) * at.q_ss + c, &sQ(r, c), valid);
       }
-      Bar::arrive(&ss.full_k[s]);
-      acquire(&ss.empty_v[s], parity);
-      if (sel) copy_rows(ss.row_v[buf], v_base, &sV(r0, c, s));
-      else if (tid == 0) load_block(&pp.block_v, &ss.full_v[s], sV, s, cta.window_start(cb));
-      copies_arrive(&ss.full_v[s]);
-      if (nb + 1 < n_blocks) x_next = score_of(cta_block(nb + 1), j_next);
+      copies_arrive(&ss.full_q[qb]);
+      if (tid == 0) ss.n_sel[qb] = cta.n_sel;
+      Bar::arrive(&ss.full_q[qb]);
+      write_rows(cta, qb);
+
+      const auto* kg = reinterpret_cast<const Elem*>(at.k) + b * at.k_sb + cta.hk * at.k_sh;
+      const auto* vg = reinterpret_cast<const Elem*>(at.v) + b * at.v_sb + cta.hk * at.v_sh;
+      const float* ug = p.u + b * p.u_sb + cta.hk * p.u_sh;
+      const char* k_base = reinterpret_cast<const char*>(kg + c);
+      const char* v_base = reinterpret_cast<const char*>(vg + c);
+      const float u_ref = cta.u_ref;
+      // Per block, each producer thread fetches the global row of one key column (one list
+      // read) and its score; the rows' offsets go through shared memory to the 16 threads
+      // copying each row. The next block's index and score are fetched while this block's
+      // copies are issued.
+      auto score_of = [&](int cb, int j) {
+        return cb < sel_blocks && j >= 0 ? ug[j * p.u_sj] : 0.f;
+      };
+      int j_next = n_blocks > 0 ? cta.key_row(p, cta_block(cta, 0), tid) : -1;
+      float x_next = score_of(cta_block(cta, 0), j_next);
+      for (int nb = 0; nb < n_blocks; ++nb, ++g) {
+        const int s = g % kStages, parity = ((g / kStages) & 1) ^ 1;
+        const int cb = cta_block(cta, nb);
+        const bool sel = cb < sel_blocks;
+        const int jc = j_next;
+        const float x = x_next;
+        const int buf = g & 1;
+        ss.row_k[buf][slot_of] = off16(jc, at.k_ss);
+        ss.row_v[buf][slot_of] = off16(jc, at.v_ss);
+        // Also orders the previous block's reads of this buffer (two blocks ago) before the
+        // write above for every thread: each passed the previous barrier after its last read.
+        cutlass::arch::NamedBarrier::sync(128, 5);
+        if (nb + 1 < n_blocks) j_next = cta.key_row(p, cta_block(cta, nb + 1), tid);
+        acquire(&ss.empty_k[s], parity);
+        if (sel) copy_rows(ss.row_k[buf], k_base, &sK(r0, c, s));
+        else if (tid == 0)
+          load_block(&pp.block_k, &ss.full_k[s], sK, s, cta.window_start(cb), cta);
+        copies_arrive(&ss.full_k[s]);
+        if (sel) {
+          const int slot = g % kMeta;
+          // An empty slot's index 0xffffffff is past every m: never selected.
+          const unsigned long long key = jc >= 0 ? sparsek_key(x, jc) : 0xffffffffull;
+          ss.key[slot][tid] = key;
+          ss.du[slot][tid] = x - u_ref;
+          // (x - u_ref) - b_row >= (x - u_ref) - bound.b in floats too: the consumers' gate is 1.
+          const SparseKRow bound = ss.bound[qb][0];
+          const bool all_rows = jc >= 0 && key >= bound.thr_key && jc < bound.m;
+          const bool gate_one = jc < 0 || (x - u_ref) - bound.b >= 1.f;
+          const uint32_t f = (__any_sync(0xffffffffu, !all_rows) ? 1u : 0u) |
+                             (__any_sync(0xffffffffu, !gate_one) ? 2u : 0u);
+          if (tid % 32 == 0) ss.flags[slot][tid / 32] = f;
+        }
+        Bar::arrive(&ss.full_k[s]);
+        acquire(&ss.empty_v[s], parity);
+        if (sel) copy_rows(ss.row_v[buf], v_base, &sV(r0, c, s));
+        else if (tid == 0)
+          load_block(&pp.block_v, &ss.full_v[s], sV, s, cta.window_start(cb), cta);
+        copies_arrive(&ss.full_v[s]);
+        if (nb + 1 < n_blocks) x_next = score_of(cta_block(cta, nb + 1), j_next);
+      }
     }
     // Exiting is safe with copies in flight: they complete and arrive on their own.
     static_assert(BN == 128, "one producer thread per key column");
@@ -301,7 +335,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     typename Base::MmaPV mma_pv;
     auto thr_qk = mma_qk.get_thread_slice(tid);
     auto thr_pv = mma_pv.get_thread_slice(tid);
-    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
     Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, N, K, stage)
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, N, K, stage)
     Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
@@ -316,167 +349,182 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     Tensor cOrc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
     constexpr int kRows = size<0>(S.layout());
     static_assert(kRows == 2);
-
     auto pos_of = [&](int r) { return get<0>(cSrc(r, 0)) % positions; };
-    float row_m[kRows], row_l[kRows], corr[kRows];
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) row_m[r] = kNegInf, row_l[r] = 0.f;
-    clear(tOrO);
-
-    // S *= the gates of meta slot `slot`'s columns, per row.
-    auto gate = [&](int slot) {
-      float rb[kRows];
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) rb[r] = ss.rows[pos_of(r)].b;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(S); c += 2) {
-        const float2 d2 = *reinterpret_cast<const float2*>(&ss.du[slot][get<1>(cSrc(0, c))]);
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-          S(r, c) *= __saturatef(d2.x - rb[r]);
-          S(r, c + 1) *= __saturatef(d2.y - rb[r]);
-        }
-      }
-    };
-    // Mask, gate and online softmax of block nb's S: leaves the P V weights in S (gated for
-    // selected keys; the denominator takes the ungated weight, spec table) and the factor that
-    // rescales O in corr.
-    auto softmax = [&](int nb) {
-      const int slot = nb % kMeta;
-      // Per selected block, two independent steps: the gates where some gate is fractional (most
-      // of a list under soft gates), the mask where some row drops a key (the list's last
-      // blocks). Blocks with neither are dense blocks (same results: the skipped mask changes
-      // nothing and the gates are 1). The gate goes first: a masked logit is -inf, and a zero
-      // gate times -inf would be NaN.
-      const int cb = cta_block(nb);
-      uint32_t flags = 0;
-      if (cb < sel_blocks)
-        flags = ss.flags[slot][0] | ss.flags[slot][1] | ss.flags[slot][2] | ss.flags[slot][3];
-      // A thread's columns come in adjacent pairs (even first): one 16-byte load of their keys
-      // or one 8-byte load of their gate offsets serves both of its rows (half the shared-memory
-      // instructions, which share the MIO queue with the wgmmas).
-      static_assert(size<1>(S) % 2 == 0);
-      if ((flags & 2u) && p.gate_logits) gate(slot);
-      if (flags & 1u) {
-        SparseKRow rw[kRows];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) rw[r] = ss.rows[pos_of(r)];
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); c += 2) {
-          const ulonglong2 k2 =
-              *reinterpret_cast<const ulonglong2*>(&ss.key[slot][get<1>(cSrc(0, c))]);
-          CUTE_UNROLL
-          for (int r = 0; r < kRows; ++r) {
-            CUTE_UNROLL
-            for (int e = 0; e < 2; ++e) {
-              const unsigned long long key = e ? k2.y : k2.x;
-              if (key < rw[r].thr_key ||
-                  static_cast<uint32_t>(key) >= static_cast<uint32_t>(rw[r].m))
-                S(r, c + e) = kNegInf;
-            }
-          }
-        }
-      }
-      if (cb >= sel_blocks) {
-        const int n0 = cta.window_start(cb);
-        if (n0 <= cta.i_last - p.window || n0 + BN - 1 > cta.i_first) {  // not inside every row's window
-          CUTE_UNROLL
-          for (int r = 0; r < kRows; ++r) {
-            const int i = m0 + pos_of(r) + diag;
-            CUTE_UNROLL
-            for (int c = 0; c < size<1>(S); ++c) {
-              const int j = n0 + get<1>(cSrc(r, c));
-              if (j > i || j <= i - p.window) S(r, c) = kNegInf;
-            }
-          }
-        }
-      }
-      online_softmax(S, row_m, row_l, corr, at.scale_log2, [](int, int, float pe) { return pe; });
-      // The value weights of a selected block, apart: inside online_softmax the gate turned
-      // into per-element work (shared-memory loads, index math) on every block, the window's
-      // and the all-gates-1 ones too, and doubled the instructions per block.
-      if (flags & 2u) gate(slot);
-    };
-    auto convert_p = [&] {
-      CUTE_UNROLL
-      for (int i = 0; i < size(rP); ++i) rP(i) = static_cast<Elem>(tSrS(i));
-    };
-
-    Bar::wait(&ss.full_q, 0);
-    if (n_blocks > 0) {
-      Bar::wait(&ss.full_k[0], 0);
-      wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
-      Bar::arrive(&ss.empty_k[0]);
-      softmax(0);
-      convert_p();
-    }
-    for (int n = 1; n < n_blocks; ++n) {
-      const int sk = n % kStages, sv = (n - 1) % kStages;
-      Bar::wait(&ss.full_k[sk], (n / kStages) & 1);
-      Bar::wait(&ss.full_v[sv], ((n - 1) / kStages) & 1);
-      wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, sk), tSrS);
-      wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
-      warpgroup_wait<1>();  // S(n) is ready; P(n-1) V(n-1) may still run
-      warpgroup_fence_operand(tSrS);
-      Bar::arrive(&ss.empty_k[sk]);
-      softmax(n);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      warpgroup_fence_operand(rP);
-      Bar::arrive(&ss.empty_v[sv]);
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r)
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(O); ++c) O(r, c) *= corr[r];
-      convert_p();
-    }
-    if (n_blocks > 0) {
-      const int iv = n_blocks - 1, sv = iv % kStages;
-      Bar::wait(&ss.full_v[sv], (iv / kStages) & 1);
-      wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      warpgroup_fence_operand(rP);
-      Bar::arrive(&ss.empty_v[sv]);
-    }
-
-    // ---- epilogue: normalize, LSE, O staged in this warpgroup's Q rows, 16-byte stores ----
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      float l = row_l[r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(O); ++c) O(r, c) *= inv;
-      const int rr = get<0>(cOrc(r, 0));
-      const int t = m0 + rr % positions, h = h0 + rr / positions;
-      if (at.lse != nullptr && tid % 4 == 0 && t < at.seqlen_q)
-        at.lse[b * at.lse_sb + h * at.lse_sh + t * at.lse_ss] =
-            l > 0.f ? row_m[r] * at.softmax_scale + logf(l) : kNegInf;
-    }
-    // This warpgroup's last Q K^T has completed (waited above), so its 64 Q rows are free:
-    // stage O there with stmatrix (as the dense kernel does), then 16-byte global stores.
-    Tensor sOw = local_tile(sQ, Shape<_64, Int<D>>{}, make_coord(cwg, 0));
     auto st_o = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Elem>{}, typename Base::MmaPV1{});
     auto thr_st_o = st_o.get_thread_slice(tid % 128);
-    {
-      Tensor rO = make_tensor<Elem>(tOrO.layout());
+
+    int g = 0;  // key blocks consumed, over all of this CTA's tiles (the rings' position)
+    for (int tile = blockIdx.x, it = 0; tile < num_tiles; tile += gridDim.x, ++it) {
+      Cta cta = tile_cta(tile);  // geometry; the list length comes with Q
+      const int qb = it & 1;
+      Bar::wait(&ss.full_q[qb], (it >> 1) & 1);
+      cta.set_count(ss.n_sel[qb]);
+      const int n_blocks = cta.n_blocks, sel_blocks = cta.sel_blocks, m0 = cta.m0;
+      auto sQ = q_tile(qb);
+      Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+      const SparseKRow* rows = ss.rows[qb];
+
+      float row_m[kRows], row_l[kRows], corr[kRows];
       CUTE_UNROLL
-      for (int i = 0; i < size(tOrO); ++i) rO(i) = static_cast<Elem>(tOrO(i));
-      copy(st_o, thr_st_o.retile_S(rO), thr_st_o.partition_D(sOw));
-    }
-    cutlass::arch::NamedBarrier::sync(128, 3 + cwg);
-    constexpr int kChunks = D / 8;
-    auto* og = reinterpret_cast<Elem*>(at.out) + b * at.o_sb;
-    for (int i = tid % 128; i < 64 * kChunks; i += 128) {
-      const int rw = i / kChunks, cc = (i % kChunks) * 8, rr = 64 * cwg + rw;
-      const int t = m0 + rr % positions, h = h0 + rr / positions;
-      if (t < at.seqlen_q)
-        *reinterpret_cast<uint128_t*>(og + h * at.o_sh + t * at.o_ss + cc) =
-            *reinterpret_cast<const uint128_t*>(&sOw(rw, cc));
+      for (int r = 0; r < kRows; ++r) row_m[r] = kNegInf, row_l[r] = 0.f;
+      clear(tOrO);
+
+      // S *= the gates of meta slot `slot`'s columns, per row.
+      auto gate = [&](int slot) {
+        float rb[kRows];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) rb[r] = rows[pos_of(r)].b;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); c += 2) {
+          const float2 d2 = *reinterpret_cast<const float2*>(&ss.du[slot][get<1>(cSrc(0, c))]);
+          CUTE_UNROLL
+          for (int r = 0; r < kRows; ++r) {
+            S(r, c) *= __saturatef(d2.x - rb[r]);
+            S(r, c + 1) *= __saturatef(d2.y - rb[r]);
+          }
+        }
+      };
+      // Mask, gate and online softmax of block nb (ring position gn)'s S: leaves the P V weights
+      // in S (gated for selected keys; the denominator takes the ungated weight, spec table) and
+      // the factor that rescales O in corr.
+      auto softmax = [&](int nb, int gn) {
+        const int slot = gn % kMeta;
+        const int cb = cta_block(cta, nb);
+        // Per selected block, two independent steps: the gates where some gate is fractional
+        // (most of a list under soft gates), the mask where some row drops a key (the list's
+        // last blocks). Blocks with neither are dense blocks (same results: the skipped mask
+        // changes nothing and the gates are 1). The gate goes first: a masked logit is -inf,
+        // and a zero gate times -inf would be NaN.
+        uint32_t flags = 0;
+        if (cb < sel_blocks)
+          flags = ss.flags[slot][0] | ss.flags[slot][1] | ss.flags[slot][2] | ss.flags[slot][3];
+        // A thread's columns come in adjacent pairs (even first): one 16-byte load of their
+        // keys or one 8-byte load of their gate offsets serves both of its rows (half the
+        // shared-memory instructions, which share the MIO queue with the wgmmas).
+        static_assert(size<1>(S) % 2 == 0);
+        if ((flags & 2u) && p.gate_logits) gate(slot);
+        if (flags & 1u) {
+          SparseKRow rw[kRows];
+          CUTE_UNROLL
+          for (int r = 0; r < kRows; ++r) rw[r] = rows[pos_of(r)];
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(S); c += 2) {
+            const ulonglong2 k2 =
+                *reinterpret_cast<const ulonglong2*>(&ss.key[slot][get<1>(cSrc(0, c))]);
+            CUTE_UNROLL
+            for (int r = 0; r < kRows; ++r) {
+              CUTE_UNROLL
+              for (int e = 0; e < 2; ++e) {
+                const unsigned long long key = e ? k2.y : k2.x;
+                if (key < rw[r].thr_key ||
+                    static_cast<uint32_t>(key) >= static_cast<uint32_t>(rw[r].m))
+                  S(r, c + e) = kNegInf;
+              }
+            }
+          }
+        }
+        if (cb >= sel_blocks) {
+          const int n0 = cta.window_start(cb);
+          // Not inside every row's window:
+          if (n0 <= cta.i_last - p.window || n0 + BN - 1 > cta.i_first) {
+            CUTE_UNROLL
+            for (int r = 0; r < kRows; ++r) {
+              const int i = m0 + pos_of(r) + diag;
+              CUTE_UNROLL
+              for (int c = 0; c < size<1>(S); ++c) {
+                const int j = n0 + get<1>(cSrc(r, c));
+                if (j > i || j <= i - p.window) S(r, c) = kNegInf;
+              }
+            }
+          }
+        }
+        online_softmax(S, row_m, row_l, corr, at.scale_log2,
+                       [](int, int, float pe) { return pe; });
+        // The value weights of a selected block, apart: inside online_softmax the gate turned
+        // into per-element work (shared-memory loads, index math) on every block, the window's
+        // and the all-gates-1 ones too, and doubled the instructions per block.
+        if (flags & 2u) gate(slot);
+      };
+      auto convert_p = [&] {
+        CUTE_UNROLL
+        for (int i = 0; i < size(rP); ++i) rP(i) = static_cast<Elem>(tSrS(i));
+      };
+
+      if (n_blocks > 0) {
+        const int sk = g % kStages;
+        Bar::wait(&ss.full_k[sk], (g / kStages) & 1);
+        wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, sk), tSrS);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tSrS);
+        Bar::arrive(&ss.empty_k[sk]);
+        softmax(0, g);
+        convert_p();
+      }
+      for (int n = 1; n < n_blocks; ++n) {
+        const int gk = g + n, gv = gk - 1;
+        const int sk = gk % kStages, sv = gv % kStages;
+        Bar::wait(&ss.full_k[sk], (gk / kStages) & 1);
+        Bar::wait(&ss.full_v[sv], (gv / kStages) & 1);
+        wg_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, sk), tSrS);
+        wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        warpgroup_wait<1>();  // S(n) is ready; P(n-1) V(n-1) may still run
+        warpgroup_fence_operand(tSrS);
+        Bar::arrive(&ss.empty_k[sk]);
+        softmax(n, gk);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(rP);
+        Bar::arrive(&ss.empty_v[sv]);
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r)
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(O); ++c) O(r, c) *= corr[r];
+        convert_p();
+      }
+      if (n_blocks > 0) {
+        const int gv = g + n_blocks - 1, sv = gv % kStages;
+        Bar::wait(&ss.full_v[sv], (gv / kStages) & 1);
+        wg_issue<false>(mma_pv, tOrP, tOrV(_, _, _, sv), tOrO);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        warpgroup_fence_operand(rP);
+        Bar::arrive(&ss.empty_v[sv]);
+      }
+      g += n_blocks;
+
+      // ---- epilogue: normalize, LSE, O staged in this warpgroup's Q rows, 16-byte stores ----
+      const int b = cta.b, h0 = cta.h0;
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const float l = normalize_row(O, r, row_l[r]);
+        const int rr = get<0>(cOrc(r, 0));
+        const int t = m0 + rr % positions, h = h0 + rr / positions;
+        if (at.lse != nullptr && tid % 4 == 0 && t < at.seqlen_q)
+          at.lse[b * at.lse_sb + h * at.lse_sh + t * at.lse_ss] =
+              l > 0.f ? row_m[r] * at.softmax_scale + logf(l) : kNegInf;
+      }
+      // This warpgroup's last Q K^T has completed (waited above), so its 64 Q rows are free:
+      // stage O there with stmatrix (as the dense kernel does), then 16-byte global stores.
+      Tensor sOw = local_tile(sQ, Shape<_64, Int<D>>{}, make_coord(cwg, 0));
+      {
+        Tensor rO = make_tensor<Elem>(tOrO.layout());
+        CUTE_UNROLL
+        for (int i = 0; i < size(tOrO); ++i) rO(i) = static_cast<Elem>(tOrO(i));
+        copy(st_o, thr_st_o.retile_S(rO), thr_st_o.partition_D(sOw));
+      }
+      cutlass::arch::NamedBarrier::sync(128, 3 + cwg);
+      constexpr int kChunks = D / 8;
+      auto* og = reinterpret_cast<Elem*>(at.out) + b * at.o_sb;
+      for (int i = tid % 128; i < 64 * kChunks; i += 128) {
+        const int rw = i / kChunks, cc = (i % kChunks) * 8, rr = 64 * cwg + rw;
+        const int t = m0 + rr % positions, h = h0 + rr / positions;
+        if (t < at.seqlen_q)
+          *reinterpret_cast<uint128_t*>(og + h * at.o_sh + t * at.o_ss + cc) =
+              *reinterpret_cast<const uint128_t*>(&sOw(rw, cc));
+      }
+      // Every thread has read its staged chunks into registers for the stores above: Q buffer
+      // qb (and the rows beside it) can take tile it + 2.
+      Bar::arrive(&ss.empty_q[qb]);
     }
   }
 #endif
