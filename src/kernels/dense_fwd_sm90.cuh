@@ -217,11 +217,28 @@ template <int kRows, class TS, class Weight>
 __device__ __forceinline__ void online_softmax(TS& S, float (&row_m)[kRows], float (&row_l)[kRows],
                                                float (&corr)[kRows], float scale_log2,
                                                Weight&& weight) {
+  // The row max and sum over a thread's columns run as kLanes independent chains combined by a
+  // tree: one chain of 64 dependent FMNMX or FADD made the warps wait on fixed latencies (Nsight
+  // Compute: "wait" was the largest stall reason in the SparseK consumer loop).
+  constexpr int kCols = decltype(size<1>(S))::value, kLanes = 8;
+  static_assert(kCols % kLanes == 0);
+  auto tree = [](float (&v)[kLanes], auto op) {
+    CUTE_UNROLL
+    for (int w = kLanes / 2; w > 0; w /= 2)
+      CUTE_UNROLL
+      for (int i = 0; i < w; ++i) v[i] = op(v[i], v[i + w]);
+    return v[0];
+  };
+  auto fmax2 = [](float a, float b) { return fmaxf(a, b); };
+  auto add2 = [](float a, float b) { return a + b; };
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
-    float mx = row_m[r];
+    float part[kLanes];
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(r, c));
+    for (int i = 0; i < kLanes; ++i) part[i] = S(r, i);
+    CUTE_UNROLL
+    for (int c = kLanes; c < kCols; ++c) part[c % kLanes] = fmaxf(part[c % kLanes], S(r, c));
+    float mx = fmaxf(row_m[r], tree(part, fmax2));
     // The 4 threads of a quad hold one row.
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -229,14 +246,13 @@ __device__ __forceinline__ void online_softmax(TS& S, float (&row_m)[kRows], flo
     const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
     corr[r] = fast_exp2(row_m[r] * scale_log2 - base);
     row_m[r] = mx;
-    float sum = 0.f;
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(S); ++c) {
+    for (int c = 0; c < kCols; ++c) {
       const float pe = fast_exp2(fmaf(S(r, c), scale_log2, -base));
-      sum += pe;
+      part[c % kLanes] = c < kLanes ? pe : part[c % kLanes] + pe;
       S(r, c) = weight(r, c, pe);
     }
-    row_l[r] = row_l[r] * corr[r] + sum;
+    row_l[r] = row_l[r] * corr[r] + tree(part, add2);
   }
 }
 #endif
