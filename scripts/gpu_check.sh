@@ -38,7 +38,7 @@ if [ -x $build/tests/cpp/bsk_tests ]; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
     $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpu*:*SparseKGpu*'
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
-    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpuTest*/Seed*:*DenseGpuTest*/S17*:*DenseGpuTest*/D128*:*SparseKGpuTest*/Basic*:*SparseKGpuTest*/Chunks*:*SparseKGpuTest*/GQA*:*SparseKGpuTest*/SqLtSkv*'
+    $build/tests/cpp/bsk_tests --gtest_filter='*DenseGpuTest*/Seed*:*DenseGpuTest*/S17*:*DenseGpuTest*/D128*:*SparseKGpuTest*/Basic*:*SparseKGpuTest*/Chunks*:*SparseKGpuTest*/GQA*:*SparseKGpuTest*/SqLtSkv*:*SparseKGpuTest*/ManyTiles*'
 fi
 # The fuzz suite's CUDA tests with 30x the examples of the "ci" profile (the test step above ran
 # the whole file with "ci"), then a few of them again under memcheck (compute-sanitizer slows every

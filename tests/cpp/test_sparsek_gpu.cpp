@@ -133,6 +133,9 @@ const SparseKCase kCases[] = {
     // blocks, 4 query heads per CTA (the pipelines' stage and slot rings wrap many times).
     {"Long_kv_bf16", 1, 2500, 2500, 8, 2, 128, 384, 200, kKV, Scores::kNormal, kBF16},
     {"Long_value_fp16", 1, 2100, 2100, 4, 1, 64, 300, 260, kV, Scores::kRamp, kF16},
+    // More tiles of 128 rows than an H100 has SMs (376): the persistent Hopper kernel's CTAs take
+    // two or three tiles each, through both Q buffers.
+    {"ManyTiles_kv_bf16", 2, 3000, 3000, 8, 2, 128, 256, 128, kKV, Scores::kNormal, kBF16},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, SparseKGpuTest,
