@@ -1,10 +1,18 @@
 // SparseK attention forward for Hopper (sm_90a): the dense Hopper kernel's consumer pipeline
 // (dense_fwd_sm90.cuh: wgmma Q K^T from shared memory, online softmax in registers, P V with P
 // from registers, S(n) overlapped with P(n-1) V(n-1)) fed by a producer warpgroup that loads
-// window blocks with TMA boxes and gathers the selected key rows with cp.async. Same CTA as the sm80 SparseK kernel
-// (sparsek_fwd_sm80.cuh): 128 rows = `heads` query heads of one KV group x 128 / heads positions,
-// over two kinds of 128-key blocks in one online softmax: the window band, then the block's
-// selected keys (list from sparsek_select.cuh, masked per row by the threshold key and gated).
+// window blocks with TMA boxes and gathers the selected key rows with cp.async. A tile is what
+// one sm80 SparseK CTA computes (sparsek_fwd_sm80.cuh): 128 rows = `heads` query heads of one KV
+// group x 128 / heads positions, over two kinds of 128-key blocks in one online softmax: the
+// window band, then the tile's selected keys (list from sparsek_select.cuh, masked per row by
+// the threshold key and gated).
+//
+// Persistent CTAs, one per SM, take tiles round-robin, position block fastest (the CTAs in flight
+// share their KV head's rows in L2). Q, the tile's list length and its rows' selection state are
+// double-buffered by tile parity and recycled through empty_q once the consumers have written
+// the tile's output, so the producer loads the next tile while this one finishes (3-5% faster
+// than a CTA per tile, which BSK_SPARSEK_PERSISTENT=0 gives for A/B timings). The K/V stages and
+// the per-block rings below are indexed by g, the CTA's running block count over all its tiles.
 //
 // Why selected rows come by cp.async and not TMA: they are arbitrary rows, TMA's row gather
 // (tile::gather4) exists only on sm_100, and one-row TMA boxes (two per row at D = 128) measured
@@ -16,12 +24,12 @@
 //
 // The per-column selection data (key = order code of u << 32 | j, and u - u_ref for the gate) is
 // written with the K group into a ring one deeper than the K/V stages: consumers read it in the
-// softmax after they have released the K stage, and slot nb % (kStages + 1) is rewritten only
-// once every consumer thread has released K(nb - kStages), i.e. finished softmax(nb - kStages - 1).
+// softmax after they have released the K stage, and slot g % (kStages + 1) is rewritten only
+// once every consumer thread has released K(g - kStages), i.e. finished softmax(g - kStages - 1).
 //
 // Epilogue: each consumer warpgroup stages its 64 output rows in its own (no longer read) rows of
-// the Q buffer and writes them with 16-byte stores; LSE from registers. Fixed loop order, no
-// atomics: bitwise reproducible.
+// the tile's Q buffer and writes them with 16-byte stores; LSE from registers. Fixed loop order,
+// no atomics: bitwise reproducible.
 #pragma once
 
 #include <climits>
