@@ -81,6 +81,18 @@ struct Round<__nv_bfloat16> {
   __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
+// A head's final values from its merged numerator o (one dim) and denominator den at max mx (log2
+// units): out = o / den (0 for a head that saw no key), LSE in natural log; NaN for a group whose
+// cache is broken (the step reports it).
+template <typename Elem>
+__device__ __forceinline__ Elem final_out(float o, float den, bool broken) {
+  return Round<Elem>::from_float(broken ? __int_as_float(0x7fc00000) : (den > 0.f ? o / den : 0.f));
+}
+__device__ __forceinline__ float final_lse(float mx, float den, bool broken) {
+  return broken ? __int_as_float(0x7fc00000)
+                : (den > 0.f ? (mx + log2f(den)) * 0.69314718055994531f : -INFINITY);
+}
+
 struct GroupRows {
   int na, nb;  // ungated rows, gated rows
   double tau;
@@ -128,7 +140,6 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
     s_den[h] = den, s_mx[h] = mx;
   }
   __syncthreads();
-  const float nan = __int_as_float(0x7fc00000);
   // Four dims per thread (float4): every split's load is in flight at once.
   for (int idx = threadIdx.x; idx < nh * kD / 4; idx += kThreads) {
     const int h = idx / (kD / 4), d = idx % (kD / 4) * 4, hq = h0 + h;
@@ -144,10 +155,8 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
     Elem* dst = p.out + b * p.o_sb + hq * p.o_sh + d;
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      dst[j] = Round<Elem>::from_float(broken ? nan : (den > 0.f ? ox[j] / den : 0.f));
-    if (d == 0 && p.lse != nullptr)
-      p.lse[b * p.l_sb + hq * p.l_sh] =
-          broken ? nan : (den > 0.f ? (s_mx[h] + log2f(den)) * 0.69314718055994531f : -INFINITY);
+      dst[j] = final_out<Elem>(ox[j], den, broken);
+    if (d == 0 && p.lse != nullptr) p.lse[b * p.l_sb + hq * p.l_sh] = final_lse(s_mx[h], den, broken);
   }
 }
 
@@ -389,7 +398,6 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     for (int e = 0; e < 4; ++e)
       s_po[(warp * kHeads + 2 * tq + (e & 1)) * kD + mt * 16 + gq + 8 * (e >> 1)] = acc[mt][e];
   __syncthreads();
-  const float nan = __int_as_float(0x7fc00000);
   for (int idx = tid; idx < nh * kD; idx += kThreads) {
     const int h = idx / kD, d = idx % kD, hq = h0 + h;
     float m_all = -INFINITY;
@@ -404,11 +412,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       l = fmaf(s_wl[w][h], sc, l);
     }
     if (p.splits == 1) {
-      p.out[b * p.o_sb + hq * p.o_sh + d] =
-          Round<Elem>::from_float(broken ? nan : (l > 0.f ? o / l : 0.f));
-      if (d == 0 && p.lse != nullptr)
-        p.lse[b * p.l_sb + hq * p.l_sh] =
-            broken ? nan : (l > 0.f ? (m_all + log2f(l)) * 0.69314718055994531f : -INFINITY);
+      p.out[b * p.o_sb + hq * p.o_sh + d] = final_out<Elem>(o, l, broken);
+      if (d == 0 && p.lse != nullptr) p.lse[b * p.l_sb + hq * p.l_sh] = final_lse(m_all, l, broken);
     } else {
       const int64_t row = (static_cast<int64_t>(split) * p.batch + b) * p.heads_q + hq;
       p.part_o[row * kD + d] = o;
