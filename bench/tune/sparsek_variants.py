@@ -8,7 +8,9 @@ With a filter, only the variants whose name contains it run, one call each (for 
 
 Rows: key_value twice on persistent CTAs (A) and twice with a CTA per tile (B, the same kernel under
 BSK_SPARSEK_PERSISTENT=0), value / none (gates), window-only (k=0, w=k+w: no list, no per-element
-selection), dense non-causal Skv = 26 blocks (TMA loads, no gathers), dense causal S.
+selection), dense non-causal Skv = 26 blocks (TMA loads, no gathers), dense causal S. Ends with the
+attention kernel's time per variant against the dense non-causal one and the A/B means, the
+same-run ratios to quote.
 """
 import os
 import statistics
@@ -76,6 +78,22 @@ if len(sys.argv) > 2:
 print(f"S={S} B=1 Hq=32 Hkv=8 D=128 bf16, k={K} w={W}; kernel us (median of 5)")
 print("| variant | kernel | us |")
 print("|---|---|---:|")
+main_us = {}  # the attention kernel's time per variant (the fused SparseK or the dense kernel)
 for name, fn in variants.items():
     for kern, us in sorted(kernel_us(fn).items(), key=lambda x: -x[1]):
         print(f"| {name} | {kern} | {us:.1f} |")
+        if "sparsek_fwd" in kern or "dense_fwd" in kern:
+            main_us[name] = us
+
+# The same-run comparisons worth quoting (absolute times drift between runs; ratios less so).
+anchor = main_us.get(f"dense non-causal Skv={skv}")
+a = [main_us[n] for n in main_us if "(A" in n]
+b = [main_us[n] for n in main_us if "(B" in n]
+print()
+print("| attention kernel | us | / dense non-causal (same tiles and blocks) |")
+print("|---|---:|---:|")
+for name, us in main_us.items():
+    print(f"| {name} | {us:.1f} | {us / anchor:.3f} |" if anchor else f"| {name} | {us:.1f} | |")
+if a and b:
+    print(f"\nA/B: persistent {statistics.mean(a):.1f} us, CTA per tile {statistics.mean(b):.1f} us "
+          f"({statistics.mean(b) / statistics.mean(a):.3f}x)")
