@@ -55,11 +55,12 @@ __device__ __forceinline__ unsigned long long sparsek_key(float u, int j) {
   return (static_cast<unsigned long long>(sparsek::order_code(u)) << 32) | static_cast<uint32_t>(j);
 }
 
-// The rows and key blocks of one CTA, the same in the sm80 and sm90 kernels: `rows` = 128 rows
-// are p.heads query heads of one KV group (blockIdx.y) times `positions` consecutive query
-// positions (blockIdx.x), batch blockIdx.z; key blocks of kBlockN keys are first the selected
-// keys (the list of the kListRows positions the CTA lies in, or the contiguous range [0, n_sel)
-// where its first row has at most k candidates), then the window band.
+// The rows and key blocks of one tile, the same in the sm80 kernel (a CTA per tile, the tile at
+// blockIdx) and the persistent sm90 one (tiles round-robin): `rows` = 128 rows are p.heads query
+// heads of one KV group (y) times `positions` consecutive query positions (x), batch z. Its key
+// blocks of kBlockN keys are numbered selected keys first (the list of the kListRows positions
+// the tile lies in, or the contiguous range [0, n_sel) where its first row has at most k
+// candidates), then the window band; the sm90 kernel visits the band first (its cta_block).
 template <int kBlockN, typename Elem>
 struct SparseKCta {
   int positions, h0, b, hk, seg, m0, diag, t_last, i_first, i_last;
