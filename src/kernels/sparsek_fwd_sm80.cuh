@@ -87,9 +87,8 @@ struct SparseKCta {
     t_last = min(m0 + positions, at.seqlen_q) - 1;
     i_first = m0 + diag;
     i_last = t_last + diag;
-    const int lt = m0 / sparsek::kListRows;
-    list = p.list + (static_cast<int64_t>(seg) * p.list_tiles + lt) * p.list_cap;
-    all_in = lt * sparsek::kListRows + diag - p.window + 1 <= p.budget;
+    list = p.list + list_index(p) * p.list_cap;
+    all_in = m0 / sparsek::kListRows * sparsek::kListRows + diag - p.window + 1 <= p.budget;
     win_first = 0, win_blocks = 0;
     if (p.window > 0 && i_last >= 0) {
       win_first = max(0, i_first - p.window + 1) / kBlockN;
@@ -102,8 +101,11 @@ struct SparseKCta {
   __device__ void load_selection(const SparseKFwdParams<Elem>& p) {
     const int m_last = cand(p, t_last);
     u_ref = m_last > p.budget ? p.thr_u[thr_at(p, m_last)] : 0.f;
-    const int lt = m0 / sparsek::kListRows;
-    set_count(p.budget > 0 ? p.count[static_cast<int64_t>(seg) * p.list_tiles + lt] : 0);
+    set_count(p.budget > 0 ? p.count[list_index(p)] : 0);
+  }
+  // The tile's key list (and count): one per kListRows positions of its KV head.
+  __device__ int64_t list_index(const SparseKFwdParams<Elem>& p) const {
+    return static_cast<int64_t>(seg) * p.list_tiles + m0 / sparsek::kListRows;
   }
   __device__ void set_count(int n) {
     n_sel = n;
