@@ -4,6 +4,8 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "bsk/error.h"
@@ -19,6 +21,19 @@ sk::Scores scores_of(const SparseKPlanArgs& a) {
   return sk::Scores{a.u, a.u_stride[0], a.u_stride[1], a.u_stride[2], a.heads_kv, a.seqlen_k};
 }
 
+// ChunkPlan's lengths: late chunks of `late` values of m, early ones of `travel` sorted
+// positions of cursor travel. BSK_SELECT_PLAN="late,travel" overrides them, for
+// bench/tune/select_plan_sweep.py (the plan changes the selection's time, not its result).
+void chunk_lengths(int n, int& late, int& travel) {
+  late = 32;  // the largest power of two in [32, 256] whose square is at most n
+  while (late < 256 && static_cast<long long>(2 * late) * (2 * late) <= n) late *= 2;
+  travel = 512;
+  if (const char* e = std::getenv("BSK_SELECT_PLAN")) {
+    int l = 0, t = 0;
+    if (std::sscanf(e, "%d,%d", &l, &t) == 2 && l > 0 && t > 0) late = l, travel = t;
+  }
+}
+
 }  // namespace
 
 SparseKPlan::SparseKPlan(const SparseKPlanArgs& a, Workspace& ws) : a_(a), ws_(ws) {
@@ -28,7 +43,8 @@ SparseKPlan::SparseKPlan(const SparseKPlanArgs& a, Workspace& ws) : a_(a), ws_(w
   select_ = a.budget > 0 && m_max_ > a.budget;
   list_tiles_ = (a.seqlen_q + sk::kListRows - 1) / sk::kListRows;
   list_cap_ = std::min(a.budget, n) + sk::kListRows;
-  chunks_ = select_ ? sk::ChunkPlan(n, a.budget, m_max_).count() : 0;
+  chunk_lengths(n, chunk_late_, chunk_travel_);
+  chunks_ = select_ ? sk::ChunkPlan(n, a.budget, m_max_, chunk_late_, chunk_travel_).count() : 0;
   end_bit_ = 32;
   while (end_bit_ < 64 && (int64_t{1} << (end_bit_ - 32)) < nseg_) ++end_bit_;
   const int64_t items = static_cast<int64_t>(nseg_) * n;
@@ -130,11 +146,13 @@ void SparseKPlan::run(cudaStream_t stream) {
     sp.m_max = m_max_;
     sp.soft = a_.gate != Gate::kNone;
     sp.segments = nseg;
+    sp.plan = sk::ChunkPlan(n, a_.budget, m_max_, chunk_late_, chunk_travel_);
     const dim3 grid(chunks_, nseg);
     sk::select_init_kernel<<<grid, sk::kSelectThreads, 0, stream>>>(
         sp, ws.at<sk::ChunkState>(o_states_));
     BSK_CUDA_CHECK_LAUNCH();
-    sk::select_walk_kernel<<<(chunks_ * nseg + 63) / 64, 64, 0, stream>>>(
+    sk::select_walk_kernel<<<(chunks_ * nseg + sk::kWalkWarps - 1) / sk::kWalkWarps,
+                             32 * sk::kWalkWarps, 0, stream>>>(
         sp, ws.at<sk::ChunkState>(o_states_), chunks_);
     BSK_CUDA_CHECK_LAUNCH();
   }

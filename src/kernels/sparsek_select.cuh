@@ -87,51 +87,32 @@ __global__ void finish_sort_kernel(const unsigned long long* sorted_keys, const 
   }
 }
 
-struct SelectParams {
-  const float* sorted_u;  // [segments, n]
-  const int* sorted_j;    // [segments, n]
-  const int* rank;        // [segments, n]
-  float* thr_u;           // [segments, n + 1], indexed by m
-  int* thr_j;
-  float* tau_rel;         // gate = clip((u - thr_u) - tau_rel, 0, 1); -inf: every gate 1
-  int n;                  // Skv
-  int segments;           // B * Hkv
-  int k;                  // budget, >= 1
-  int m_max;              // largest m any query row has
-  bool soft;              // gates key_value / value (tau needed)
-};
-
-constexpr int kSelectThreads = 256;
-constexpr int kItems = 16;  // consecutive positions per thread in block_compact
-constexpr int kBisect = 14;  // bisection steps for a chunk's first tau
-
-// How the candidate counts m in [k + 1, m_max] are cut into chunks, one per block. With random
-// scores the cursors travel about n * k / m^2 sorted positions per step of m, so the walk is
-// slowest for small m: there chunks hold about kTravel positions of travel (uniform steps of
-// -n * k / m), later ones `late` values of m. The walk's time grows with the chunk length and
-// the init kernel's with (chunks x n), so the balance is near late ~ sqrt(n): measured on an
-// H100 (k = 2048), walk + init was 1.29 ms at n = 8192 with 256-value chunks, and the model fitted
-// to it puts the optimum near 64 there, 128 at 32768 and 256 at 131072.
+// How the candidate counts m in [k + 1, m_max] are cut into chunks, one per init block and one
+// warp of the walk each. With random scores the cursors travel about n * k / m^2 sorted
+// positions per step of m, so the walk is slowest for small m: there chunks hold about `travel`
+// positions of travel (uniform steps of -n * k / m), later ones `late` values of m. The walk's
+// time grows with the longest chunk and the init kernel's with (chunks x n), so the two lengths
+// balance the walk against init (chunk_lengths in src/dispatch/sparsek_plan.cu picks them; see
+// bench/results/select-plan-sweep-*).
 struct ChunkPlan {
-  static constexpr int kTravel = 512;
   double a, y0;  // n * k, a / (k + 1)
-  int k, m_max, c1, m_star, late;
+  int k, m_max, c1, m_star, late, travel;
 
-  __host__ __device__ ChunkPlan(int n, int k_, int m_max_) : k(k_), m_max(m_max_) {
+  ChunkPlan() = default;
+  __host__ __device__ ChunkPlan(int n, int k_, int m_max_, int late_, int travel_)
+      : k(k_), m_max(m_max_), late(late_), travel(travel_) {
     a = static_cast<double>(n) * k;
     y0 = a / (k + 1);
-    late = 32;  // the largest power of two in [32, 256] whose square is at most n
-    while (late < 256 && static_cast<long long>(2 * late) * (2 * late) <= n) late *= 2;
     // Past m_star a travel-bounded chunk would be longer than `late`.
-    const double ms = sqrt(late * a / kTravel);
+    const double ms = sqrt(late * a / travel);
     m_star = ms > m_max + 1 ? m_max + 1 : (ms < k + 1 ? k + 1 : static_cast<int>(ms));
-    c1 = static_cast<int>(ceil((y0 - a / m_star) / kTravel));
+    c1 = static_cast<int>(ceil((y0 - a / m_star) / travel));
   }
   // First m of chunk c (chunk c is [begin(c), begin(c + 1))).
   __host__ __device__ int begin(int c) const {
     long long m;
     if (c < c1) {
-      m = c == 0 ? k + 1 : static_cast<long long>(a / (y0 - static_cast<double>(c) * kTravel));
+      m = c == 0 ? k + 1 : static_cast<long long>(a / (y0 - static_cast<double>(c) * travel));
       if (m > m_star) m = m_star;
     } else {
       m = m_star + static_cast<long long>(c - c1) * late;
@@ -144,6 +125,26 @@ struct ChunkPlan {
     return c + 1;
   }
 };
+
+struct SelectParams {
+  const float* sorted_u;  // [segments, n]
+  const int* sorted_j;    // [segments, n]
+  const int* rank;        // [segments, n]
+  float* thr_u;           // [segments, n + 1], indexed by m
+  int* thr_j;
+  float* tau_rel;         // gate = clip((u - thr_u) - tau_rel, 0, 1); -inf: every gate 1
+  int n;                  // Skv
+  int segments;           // B * Hkv
+  int k;                  // budget, >= 1
+  int m_max;              // largest m any query row has
+  bool soft;              // gates key_value / value (tau needed)
+  ChunkPlan plan;
+};
+
+constexpr int kSelectThreads = 256;
+constexpr int kItems = 16;  // consecutive positions per thread in block_compact
+constexpr int kBisect = 14;  // bisection steps for a chunk's first tau
+
 using BlockScanInt = cub::BlockScan<int, kSelectThreads>;
 
 // Walks positions [0, n) in tiles of kSelectThreads * kItems (kItems consecutive positions per
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
   __shared__ int s_pos;
 
   const int seg = blockIdx.y;
-  const ChunkPlan plan(p.n, p.k, p.m_max);
+  const ChunkPlan& plan = p.plan;
   ChunkState st{};
   st.m_begin = plan.begin(blockIdx.x);
   st.m_end = max(st.m_begin, plan.begin(blockIdx.x + 1));
@@ -363,12 +364,17 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
   if (threadIdx.x == 0) *out = st;
 }
 
-// One thread per (chunk, segment) walks the chunk's m values in order (threads of a warp walk
-// different chunks, so the walks' memory latencies overlap).
-__global__ void __launch_bounds__(64) select_walk_kernel(const SelectParams p,
-                                                         const ChunkState* states, int chunks) {
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= chunks * p.segments) return;
+// One warp per (chunk, segment) walks the chunk's m values in order, on its first lane. The walk
+// is a chain of data-dependent loops (tau's breakpoints, the threshold's next active key), so
+// chunks sharing a warp serialize each other's divergent iterations: 1320 us at 131072 keys
+// with a thread per chunk, 425 with a warp per chunk (bench/results/select-plan-sweep-*). The
+// warps fit the GPU at once (a few thousand chunks at 131072 keys).
+constexpr int kWalkWarps = 4;  // per block
+__global__ void __launch_bounds__(32 * kWalkWarps) select_walk_kernel(const SelectParams p,
+                                                                     const ChunkState* states,
+                                                                     int chunks) {
+  const int idx = blockIdx.x * kWalkWarps + static_cast<int>(threadIdx.x) / 32;
+  if (threadIdx.x % 32 != 0 || idx >= chunks * p.segments) return;
   const int seg = idx / chunks;
   ChunkState st = states[idx];
   if (st.m_begin >= st.m_end) return;
