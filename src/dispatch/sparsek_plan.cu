@@ -24,10 +24,11 @@ sk::Scores scores_of(const SparseKPlanArgs& a) {
 // ChunkPlan's lengths: late chunks of `late` values of m, early ones of `travel` sorted
 // positions of cursor travel. BSK_SELECT_PLAN="late,travel" overrides them, for
 // bench/tune/select_plan_sweep.py (the plan changes the selection's time, not its result).
+// Measured on an H100 (bench/results/select-plan-sweep-lists-h100.txt, k = 2048): the best of
+// the plans tried was 64:512 at 8192 keys, 128:512 at 32768 and 512:2048 at 131072.
 void chunk_lengths(int n, int& late, int& travel) {
-  late = 32;  // the largest power of two in [32, 256] whose square is at most n
-  while (late < 256 && static_cast<long long>(2 * late) * (2 * late) <= n) late *= 2;
-  travel = 512;
+  late = n <= 16384 ? 64 : (n <= 65536 ? 128 : 512);
+  travel = std::max(512, 4 * late);
   if (const char* e = std::getenv("BSK_SELECT_PLAN")) {
     int l = 0, t = 0;
     if (std::sscanf(e, "%d,%d", &l, &t) == 2 && l > 0 && t > 0) late = l, travel = t;
@@ -171,7 +172,12 @@ void SparseKPlan::run(cudaStream_t stream) {
     lp.k = a_.budget;
     lp.w = a_.window;
     lp.tiles = list_tiles_;
-    sk::list_kernel<<<dim3(list_tiles_, nseg), sk::kSelectThreads, 0, stream>>>(lp);
+    // Several lists per block where there are many (one pass over the sorted order serves
+    // them): 350 -> 214 us at 131072 keys (8192 lists), but 47 -> 57 us at 32768 (2048 lists,
+    // then too few blocks). bench/results/select-plan-sweep-lists-h100.txt.
+    lp.group = std::clamp(list_tiles_ * nseg / 2048, 1, sk::kListsPerBlock);
+    const int list_blocks = (list_tiles_ + lp.group - 1) / lp.group;
+    sk::list_kernel<<<dim3(list_blocks, nseg), sk::kSelectThreads, 0, stream>>>(lp);
     BSK_CUDA_CHECK_LAUNCH();
   }
 }
