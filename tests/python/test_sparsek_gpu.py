@@ -66,6 +66,9 @@ CASES = [  # B, Sq, Skv, Hq, Hkv, D, k, w, gate, scores
     (1, 700, 700, 8, 2, 128, 60, 128, "key_value", "ramp"),
     (1, 640, 640, 8, 2, 64, 100, 128, "none", "ties"),
     (1, 520, 900, 4, 1, 64, 40, 256, "value", "flat"),
+    # More tiles (188) than an H100 or H200 has SMs: persistent Hopper CTAs take two (the K/V
+    # rings and the double-buffered Q and rows' state cross tiles).
+    (1, 3000, 3000, 8, 2, 64, 200, 128, "key_value", "ramp"),
 ]
 
 
