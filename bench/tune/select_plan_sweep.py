@@ -1,9 +1,10 @@
 """The selection's chunk plan (kernels::sparsek::ChunkPlan: `late` values of m per late chunk,
-`travel` sorted positions per early chunk) against the init and walk kernels' durations, on the
-sparsek-prefill inputs. Each plan runs twice (A/B interleaved against clock drift); outputs are
-compared with the default plan's (they must agree to rounding: the plan only cuts the walk).
+`travel` sorted positions per early chunk, and optionally select_init's bisection steps) against
+the init and walk kernels' durations, on the sparsek-prefill inputs. Each plan runs twice (A/B
+interleaved against clock drift); outputs are compared with the default plan's (they must agree
+to rounding: the plan only cuts the walk).
 
-    python3 bench/tune/select_plan_sweep.py [S,...] [late:travel,...]
+    python3 bench/tune/select_plan_sweep.py [S,...] [late:travel[:bisect],...]
 """
 import os
 import statistics

@@ -22,16 +22,21 @@ sk::Scores scores_of(const SparseKPlanArgs& a) {
 }
 
 // ChunkPlan's lengths: late chunks of `late` values of m, early ones of `travel` sorted
-// positions of cursor travel. BSK_SELECT_PLAN="late,travel" overrides them, for
+// positions of cursor travel; select_init bisects tau0 in `bisect` steps.
+// BSK_SELECT_PLAN="late,travel[,bisect]" overrides them, for
 // bench/tune/select_plan_sweep.py (the plan changes the selection's time, not its result).
-// Measured on an H100 (bench/results/select-plan-sweep-lists-h100.txt, k = 2048): the best of
-// the plans tried was 64:512 at 8192 keys, 128:512 at 32768 and 512:2048 at 131072.
-void chunk_lengths(int n, int& late, int& travel) {
+// Measured on an H100 (bench/results/select-plan-sweep-lists-h100.txt and -bisect-h100.txt,
+// k = 2048): the best of the plans tried was 64:512 at 8192 keys, 128:512 at 32768 and 512:2048
+// at 131072.
+void chunk_lengths(int n, int& late, int& travel, int& bisect) {
   late = n <= 16384 ? 64 : (n <= 65536 ? 128 : 512);
   travel = std::max(512, 4 * late);
+  bisect = sk::kBisect;
   if (const char* e = std::getenv("BSK_SELECT_PLAN")) {
-    int l = 0, t = 0;
-    if (std::sscanf(e, "%d,%d", &l, &t) == 2 && l > 0 && t > 0) late = l, travel = t;
+    int l = 0, t = 0, b = 0;
+    const int got = std::sscanf(e, "%d,%d,%d", &l, &t, &b);
+    if (got >= 2 && l > 0 && t > 0) late = l, travel = t;
+    if (got == 3 && b > 0 && b <= 30) bisect = b;
   }
 }
 
@@ -44,7 +49,7 @@ SparseKPlan::SparseKPlan(const SparseKPlanArgs& a, Workspace& ws) : a_(a), ws_(w
   select_ = a.budget > 0 && m_max_ > a.budget;
   list_tiles_ = (a.seqlen_q + sk::kListRows - 1) / sk::kListRows;
   list_cap_ = std::min(a.budget, n) + sk::kListRows;
-  chunk_lengths(n, chunk_late_, chunk_travel_);
+  chunk_lengths(n, chunk_late_, chunk_travel_, chunk_bisect_);
   chunks_ = select_ ? sk::ChunkPlan(n, a.budget, m_max_, chunk_late_, chunk_travel_).count() : 0;
   end_bit_ = 32;
   while (end_bit_ < 64 && (int64_t{1} << (end_bit_ - 32)) < nseg_) ++end_bit_;
@@ -148,6 +153,7 @@ void SparseKPlan::run(cudaStream_t stream) {
     sp.soft = a_.gate != Gate::kNone;
     sp.segments = nseg;
     sp.plan = sk::ChunkPlan(n, a_.budget, m_max_, chunk_late_, chunk_travel_);
+    sp.bisect = chunk_bisect_;
     const dim3 grid(chunks_, nseg);
     sk::select_init_kernel<<<grid, sk::kSelectThreads, 0, stream>>>(
         sp, ws.at<sk::ChunkState>(o_states_));

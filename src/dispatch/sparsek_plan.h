@@ -46,6 +46,7 @@ class SparseKPlan {
   bool select_;
   int nseg_, m_max_, list_tiles_, list_cap_, chunks_, end_bit_;
   int chunk_late_ = 0, chunk_travel_ = 0;  // kernels::sparsek::ChunkPlan's lengths
+  int chunk_bisect_ = 0;                   // select_init's bisection steps
   size_t cub_bytes_ = 0;
   size_t o_bad_, o_keys_in_ = 0, o_keys_out_ = 0, o_vals_in_ = 0, o_sorted_j_ = 0,
                  o_sorted_u_ = 0, o_rank_ = 0, o_thr_u_ = 0, o_thr_j_ = 0, o_tau_ = 0,

@@ -138,27 +138,33 @@ struct SelectParams {
   int k;                  // budget, >= 1
   int m_max;              // largest m any query row has
   bool soft;              // gates key_value / value (tau needed)
+  int bisect;             // select_init's bisection steps: tau0 within 2^-bisect of tau
   ChunkPlan plan;
 };
 
 constexpr int kSelectThreads = 256;
 constexpr int kItems = 16;  // consecutive positions per thread in block_compact
-constexpr int kBisect = 14;  // bisection steps for a chunk's first tau
+// Bisection steps for a chunk's first tau (SelectParams::bisect): each is a pass over the
+// chunk's band and a block reduction, while the walk crosses the breakpoints left in the last
+// bracket one by one. 8 measured best of 6, 8, 10, 14 on an H100 (bench/results/
+// select-plan-sweep-bisect-h100.txt): init 346 -> 285 us at 131072, walk unchanged.
+constexpr int kBisect = 8;
 
 using BlockScanInt = cub::BlockScan<int, kSelectThreads>;
 
-// Walks positions [0, n) in tiles of kSelectThreads * kItems (kItems consecutive positions per
-// thread, one block-wide scan per tile rather than per position), calling emit(pos, rank) for
-// every kept position, rank = the number of kept positions before it; mask(p0) gives the bits
-// of positions p0 .. p0 + kItems - 1 (bit i: p0 + i < n is kept). on_tile(t, seen) hears how
-// many were kept before tile t. Stops after the tile in which `limit` kept positions are
-// reached; returns how many it kept.
+// Walks positions [start, n) (start a multiple of kItems) in tiles of kSelectThreads * kItems
+// (kItems consecutive positions per thread, one block-wide scan per tile rather than per
+// position), calling emit(pos, rank) for every kept position, rank = the number of kept
+// positions before it; mask(p0) gives the bits of positions p0 .. p0 + kItems - 1 (bit i:
+// p0 + i < n is kept). on_tile(t, seen) hears how many were kept before tile t. Stops after the
+// tile in which `limit` kept positions are reached; returns how many it kept.
 template <class Mask, class Emit, class OnTile>
 __device__ __forceinline__ int block_compact_masks(int n, int limit, Mask&& mask, Emit&& emit,
                                                    OnTile&& on_tile,
-                                                   BlockScanInt::TempStorage& tmp) {
+                                                   BlockScanInt::TempStorage& tmp,
+                                                   int start = 0) {
   int seen = 0;
-  for (int base = 0, t = 0; base < n && seen < limit; base += kSelectThreads * kItems, ++t) {
+  for (int base = start, t = 0; base < n && seen < limit; base += kSelectThreads * kItems, ++t) {
     on_tile(t, seen);
     const int p0 = base + threadIdx.x * kItems;
     const uint32_t bits = p0 < n ? mask(p0) : 0u;
@@ -235,7 +241,7 @@ constexpr int kPrefixTiles = 1024;
 // The walk's state at the first m of a chunk, found by select_init_kernel.
 struct ChunkState {
   double ref;    // the anchor: the threshold score at m_begin; values below are relative to it
-  double tau0;   // a lower bound of tau at m_begin, within 2^-kBisect of it
+  double tau0;   // a lower bound of tau at m_begin, within 2^-bisect of it
   double band;   // sum over active keys in the band of (u - ref)
   long long U, W;
   int ck, pa, pe;  // threshold position; first positions with u < tau + 1 and with u <= tau
@@ -312,9 +318,16 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
     const int base = s_base;
     // The active keys of the band, once, so that the bisection and the counts below read shared
     // memory instead of making a pass over global memory each.
-    const int nb = block_compact(p_lo - p_hi, INT_MAX, [&](int i) { return sj[p_hi + i] < m; },
-                                 [&](int i, int r) { if (r < kBandCap) s_band[r] = su[p_hi + i]; },
-                                 tmp.scan);
+    // 16-byte loads of the sorted order (below_mask) from p_hi's 16-position group on; the
+    // positions before p_hi are masked off.
+    const int nb = block_compact_masks(
+        p_lo, INT_MAX,
+        [&](int p0) {
+          const uint32_t bits = below_mask(sj, p0, p_lo, m);
+          return p0 >= p_hi ? bits : bits & (~0u << (p_hi - p0));
+        },
+        [&](int pos, int r) { if (r < kBandCap) s_band[r] = su[pos]; }, [](int, int) {},
+        tmp.scan, p_hi / kItems * kItems);
     const bool in_smem = nb <= kBandCap;
     // f(u - ref) for every active key of the band: from shared memory, or from global memory
     // where the band overflowed it.
@@ -329,7 +342,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
     };
     __syncthreads();
     double lo = -1.0, hi = 0.0;  // f(lo) >= k > f(hi), relative to ref
-    for (int it = 0; it < kBisect; ++it) {
+    for (int it = 0; it < p.bisect; ++it) {
       const double mid = 0.5 * (lo + hi);
       double part = 0.0;
       for_each_band([&](double x) { part += fmin(fmax(x - mid, 0.0), 1.0); });
@@ -382,10 +395,13 @@ __global__ void __launch_bounds__(32 * kWalkWarps) select_walk_kernel(const Sele
   const int* sj = p.sorted_j + static_cast<int64_t>(seg) * p.n;
   const int* rank = p.rank + static_cast<int64_t>(seg) * p.n;
   const int64_t out0 = static_cast<int64_t>(seg) * (p.n + 1);
-  const double ref = st.ref, kd = p.k;
+  const double ref = st.ref;
   int ck = st.ck, pa = st.pa, pe = st.pe;
-  long long U = st.U, W = st.W;
-  double band = st.band;
+  // f at a trial t is U + band - (W - U) t; the walk keeps A = U + band - k and B = W - U (whole
+  // numbers in A's and B's integer parts are exact in float64), so the crossing test is one FMA
+  // and no 64-bit integer conversions sit in the chain of dependent steps.
+  double A = static_cast<double>(st.U - p.k) + st.band;
+  double B = static_cast<double>(st.W - st.U);
 
   double tau = st.tau0;  // relative to ref; f(tau) >= k holds here and after every activation
   // The walk is one thread's chain of dependent loads, so the values at the cursors are kept in
@@ -406,20 +422,18 @@ __global__ void __launch_bounds__(32 * kWalkWarps) select_walk_kernel(const Sele
       for (;;) {
         const double tn = fmin(ze, za);
         if (tn == INFINITY) break;  // unreachable with k < m; keeps the loop finite regardless
-        const double fn = static_cast<double>(U) + band - static_cast<double>(W - U) * tn;
-        if (fn <= kd) {
-          const double t = W > U ? (band + static_cast<double>(U) - kd) / static_cast<double>(W - U)
-                                 : tn;
+        if (fma(-B, tn, A) <= 0.0) {  // f(tn) <= k: the root is in [tau, tn]
+          const double t = B > 0.0 ? A / B : tn;
           tau = fmin(fmax(t, tau), tn);
           break;
         }
-        if (ze <= za) {
+        if (ze <= za) {  // the key at pe - 1 leaves the band (W - 1, band - u)
           --pe;
-          if (sj[pe] < m) { --W; band -= ze; }
+          if (sj[pe] < m) { B -= 1.0; A -= ze; }
           ze = at_pe();
-        } else {
+        } else {  // the key at pa - 1 enters the band from above (U - 1, band + u)
           --pa;
-          if (sj[pa] < m) { --U; band += static_cast<double>(su[pa]) - ref; }
+          if (sj[pa] < m) { B += 1.0; A += (static_cast<double>(su[pa]) - ref) - 1.0; }
           za = at_pa();
         }
         tau = tn;
@@ -443,8 +457,8 @@ __global__ void __launch_bounds__(32 * kWalkWarps) select_walk_kernel(const Sele
         thr_j = sj[ck];
       }
       if (p.soft) {
-        if (r < pa) { ++U; ++W; }
-        else if (r < pe) { ++W; band += static_cast<double>(ur) - ref; }
+        if (r < pa) A += 1.0;  // U + 1, W + 1
+        else if (r < pe) { B += 1.0; A += static_cast<double>(ur) - ref; }  // W + 1, band + u
       }
     }
   }
