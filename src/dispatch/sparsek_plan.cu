@@ -182,6 +182,11 @@ void SparseKPlan::run(cudaStream_t stream) {
     // them): 350 -> 214 us at 131072 keys (8192 lists), but 47 -> 57 us at 32768 (2048 lists,
     // then too few blocks). bench/results/select-plan-sweep-lists-h100.txt.
     lp.group = std::clamp(list_tiles_ * nseg / 2048, 1, sk::kListsPerBlock);
+    // BSK_SPARSEK_LISTS_PER_BLOCK forces the grouping, so the tests cover it at small shapes.
+    if (const char* e = std::getenv("BSK_SPARSEK_LISTS_PER_BLOCK")) {
+      const int g = std::atoi(e);
+      if (g >= 1 && g <= sk::kListsPerBlock) lp.group = g;
+    }
     const int list_blocks = (list_tiles_ + lp.group - 1) / lp.group;
     sk::list_kernel<<<dim3(list_blocks, nseg), sk::kSelectThreads, 0, stream>>>(lp);
     BSK_CUDA_CHECK_LAUNCH();

@@ -82,6 +82,22 @@ def test_matches_reference(case, dtype):
     check(q, k, v, scores(kind, B, Hkv, Skv, 4), kb, w, gate)
 
 
+@pytest.mark.parametrize("group", ["2", "3", "4"])
+def test_lists_per_block(monkeypatch, group):
+    """The list kernel builds several lists per block where there are many (131072 keys); forced
+    at a small shape (24 lists, so 3 per block leaves a partial block): the reference's result,
+    and bitwise the one-list-per-block result."""
+    q = randn((1, 1500, 8, 64), torch.bfloat16, 30)
+    k = randn((1, 1500, 2, 64), torch.bfloat16, 31)
+    v = randn((1, 1500, 2, 64), torch.bfloat16, 32)
+    u = scores("ramp", 1, 2, 1500, 33)
+    monkeypatch.setenv("BSK_SPARSEK_LISTS_PER_BLOCK", "1")
+    one = bsk.sparsek_attention(q, k, v, u, 100, 64, "key_value")
+    monkeypatch.setenv("BSK_SPARSEK_LISTS_PER_BLOCK", group)
+    out, _ = check(q, k, v, u, 100, 64, "key_value")
+    assert torch.equal(out, one)
+
+
 def test_non_contiguous_inputs():
     qb = randn((1, 4, 200, 64), torch.bfloat16, 5)  # BHSD storage viewed as BSHD
     kb_ = randn((1, 2, 200, 64), torch.bfloat16, 6)
