@@ -21,16 +21,11 @@ sk::Scores scores_of(const SparseKPlanArgs& a) {
   return sk::Scores{a.u, a.u_stride[0], a.u_stride[1], a.u_stride[2], a.heads_kv, a.seqlen_k};
 }
 
-// ChunkPlan's lengths: late chunks of `late` values of m, early ones of `travel` sorted
-// positions of cursor travel; select_init bisects tau0 in `bisect` steps.
-// BSK_SELECT_PLAN="late,travel[,bisect]" overrides them, for
-// bench/tune/select_plan_sweep.py (the plan changes the selection's time, not its result).
-// Measured on an H100 (bench/results/select-plan-sweep-lists-h100.txt and -bisect-h100.txt,
-// k = 2048): the best of the plans tried was 64:512 at 8192 keys, 128:512 at 32768 and 512:2048
-// at 131072.
+// ChunkPlan's lengths (sk::default_chunk_lengths); select_init bisects tau0 in `bisect` steps.
+// BSK_SELECT_PLAN="late,travel[,bisect]" overrides them, for bench/tune/select_plan_sweep.py
+// (the plan changes the selection's time, not its result).
 void chunk_lengths(int n, int& late, int& travel, int& bisect) {
-  late = n <= 16384 ? 64 : (n <= 65536 ? 128 : 512);
-  travel = std::max(512, 4 * late);
+  sk::default_chunk_lengths(n, late, travel);
   bisect = sk::kBisect;
   if (const char* e = std::getenv("BSK_SELECT_PLAN")) {
     int l = 0, t = 0, b = 0;
