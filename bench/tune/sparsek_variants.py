@@ -42,8 +42,6 @@ def kernel_us(fn, reps=5):
     return {n: statistics.median(t) for n, t in per.items() if len(t) >= reps}
 
 
-
-
 def one_cta_per_tile(fn):
     """The fused kernel with a CTA per tile instead of persistent CTAs (the same kernel)."""
     def run():

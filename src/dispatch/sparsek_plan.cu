@@ -44,8 +44,22 @@ SparseKPlan::SparseKPlan(const SparseKPlanArgs& a, Workspace& ws) : a_(a), ws_(w
   select_ = a.budget > 0 && m_max_ > a.budget;
   list_tiles_ = (a.seqlen_q + sk::kListRows - 1) / sk::kListRows;
   list_cap_ = std::min(a.budget, n) + sk::kListRows;
-  chunk_lengths(n, chunk_late_, chunk_travel_, chunk_bisect_);
-  chunks_ = select_ ? sk::ChunkPlan(n, a.budget, m_max_, chunk_late_, chunk_travel_).count() : 0;
+  int late = 0, travel = 0;
+  chunk_lengths(n, late, travel, bisect_);
+  chunks_ = 0;
+  if (select_) {
+    chunk_plan_ = sk::ChunkPlan(n, a.budget, m_max_, late, travel);
+    chunks_ = chunk_plan_.count();
+  }
+  // Several lists per block where there are many (one pass over the sorted order serves
+  // them): 350 -> 214 us at 131072 keys (8192 lists), but 47 -> 57 us at 32768 (2048 lists,
+  // then too few blocks). bench/results/select-plan-sweep-lists-h100.txt.
+  list_group_ = std::clamp(list_tiles_ * nseg_ / 2048, 1, sk::kListsPerBlock);
+  // BSK_SPARSEK_LISTS_PER_BLOCK forces the grouping, so the tests cover it at small shapes.
+  if (const char* e = std::getenv("BSK_SPARSEK_LISTS_PER_BLOCK")) {
+    const int g = std::atoi(e);
+    if (g >= 1 && g <= sk::kListsPerBlock) list_group_ = g;
+  }
   end_bit_ = 32;
   while (end_bit_ < 64 && (int64_t{1} << (end_bit_ - 32)) < nseg_) ++end_bit_;
   const int64_t items = static_cast<int64_t>(nseg_) * n;
@@ -147,8 +161,8 @@ void SparseKPlan::run(cudaStream_t stream) {
     sp.m_max = m_max_;
     sp.soft = a_.gate != Gate::kNone;
     sp.segments = nseg;
-    sp.plan = sk::ChunkPlan(n, a_.budget, m_max_, chunk_late_, chunk_travel_);
-    sp.bisect = chunk_bisect_;
+    sp.plan = chunk_plan_;
+    sp.bisect = bisect_;
     const dim3 grid(chunks_, nseg);
     sk::select_init_kernel<<<grid, sk::kSelectThreads, 0, stream>>>(
         sp, ws.at<sk::ChunkState>(o_states_));
@@ -173,15 +187,7 @@ void SparseKPlan::run(cudaStream_t stream) {
     lp.k = a_.budget;
     lp.w = a_.window;
     lp.tiles = list_tiles_;
-    // Several lists per block where there are many (one pass over the sorted order serves
-    // them): 350 -> 214 us at 131072 keys (8192 lists), but 47 -> 57 us at 32768 (2048 lists,
-    // then too few blocks). bench/results/select-plan-sweep-lists-h100.txt.
-    lp.group = std::clamp(list_tiles_ * nseg / 2048, 1, sk::kListsPerBlock);
-    // BSK_SPARSEK_LISTS_PER_BLOCK forces the grouping, so the tests cover it at small shapes.
-    if (const char* e = std::getenv("BSK_SPARSEK_LISTS_PER_BLOCK")) {
-      const int g = std::atoi(e);
-      if (g >= 1 && g <= sk::kListsPerBlock) lp.group = g;
-    }
+    lp.group = list_group_;
     const int list_blocks = (list_tiles_ + lp.group - 1) / lp.group;
     sk::list_kernel<<<dim3(list_blocks, nseg), sk::kSelectThreads, 0, stream>>>(lp);
     BSK_CUDA_CHECK_LAUNCH();

@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 
 #include "bsk/sparsek.h"
+#include "common/sparsek_chunk_plan.h"
 #include "dispatch/workspace.h"
 
 namespace bsk::detail {
@@ -45,8 +46,9 @@ class SparseKPlan {
   Workspace& ws_;
   bool select_;
   int nseg_, m_max_, list_tiles_, list_cap_, chunks_, end_bit_;
-  int chunk_late_ = 0, chunk_travel_ = 0;  // kernels::sparsek::ChunkPlan's lengths
-  int chunk_bisect_ = 0;                   // select_init's bisection steps
+  kernels::sparsek::ChunkPlan chunk_plan_{};  // the walk's chunks (when select_)
+  int bisect_ = 0;                            // select_init's bisection steps
+  int list_group_ = 1;                        // key lists built per list_kernel block
   size_t cub_bytes_ = 0;
   size_t o_bad_, o_keys_in_ = 0, o_keys_out_ = 0, o_vals_in_ = 0, o_sorted_j_ = 0,
                  o_sorted_u_ = 0, o_rank_ = 0, o_thr_u_ = 0, o_thr_j_ = 0, o_tau_ = 0,
