@@ -52,8 +52,11 @@ struct SparseKConfig {
   static constexpr int kHeadDim = kHeadDim_, kBlockM = Base::kBlockM, kBlockN = Base::kBlockN;
   static constexpr int kStages = Base::kStages, kMetaSlots = kStages + 1;
   static constexpr int kConsumerWGs = Base::kConsumerWGs, kThreads = Base::kThreads;
-  // As in the dense kernel: 128*24 + 256*240 = 64512 <= 65536.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // 128*56 + 256*224 = 64512 <= 65536. Not the dense kernel's 24/240: this producer computes
+  // row offsets, scores and flags, and at 24 registers it spilled ~100 bytes into the loop that
+  // issues the gathers; at 56 nothing spills (consumers included) and the kernel ran 9% faster
+  // at S=131072 (bench/results/sparsek-regsplit-experiment-h100-128k.txt; 40/232: 7%).
+  static constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 
   struct SharedStorage {
     // Q double-buffered (by tile parity), with the rows' state and list length that go with it:
@@ -231,8 +234,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
               __shfl_xor_sync(0xffffffffu, bound.m, o), __shfl_xor_sync(0xffffffffu, bound.b, o));
       if (tid % 32 == 0) ss.bound[qb][tid / 32] = bound;
       cutlass::arch::NamedBarrier::sync(128, 5);  // producer warpgroup only
-      // Thread 0 combines the warps' bounds into ss.bound[qb][0]. Kept in shared memory: the
-      // producer has 24 registers.
+      // Thread 0 combines the warps' bounds into ss.bound[qb][0]. Kept in shared memory, not
+      // in the producer's few registers.
       if (tid == 0) {
         CUTE_UNROLL
         for (int w = 1; w < 4; ++w)
