@@ -75,8 +75,8 @@ struct SparseKConfig {
     // Offsets of the K and V rows of the block being loaded, in 16-byte units from the head's
     // row 0 (kNoRow: zeros), computed once by the thread that reads the column's index, not by
     // all 16 copying threads. Stored in copy order (see the producer) so that one 16-byte load
-    // fetches four of a thread's rows.
-    alignas(16) uint32_t row_k[2][kBlockN], row_v[2][kBlockN];
+    // fetches four of a thread's rows. V's are read one block later than K's, hence 3 buffers.
+    alignas(16) uint32_t row_k[2][kBlockN], row_v[3][kBlockN];
     SparseKRow bound[2][4];  // per producer warp: max threshold key, min m, max gate offset
     uint64_t full_q[2], empty_q[2];
     uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
@@ -294,21 +294,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       };
       int j_next = n_blocks > 0 ? cta.key_row(p, cta_block(cta, 0), tid) : -1;
       float x_next = score_of(cta_block(cta, 0), j_next);
+      // V(nb - 1) goes out after K(nb): the consumers need K(n) and V(n - 1) together, and
+      // release K earlier than V, so a K load waiting behind the previous V's empty barrier
+      // (the order K(n), V(n)) would lose half a block of lead time.
+      auto load_v = [&](int nbv, int gv) {
+        const int sv = gv % kStages, cbv = cta_block(cta, nbv);
+        acquire(&ss.empty_v[sv], ((gv / kStages) & 1) ^ 1);
+        if (cbv < sel_blocks) copy_rows(ss.row_v[gv % 3], v_base, &sV(r0, c, sv));
+        else if (tid == 0)
+          load_block(&pp.block_v, &ss.full_v[sv], sV, sv, cta.window_start(cbv), cta);
+        copies_arrive(&ss.full_v[sv]);
+      };
       for (int nb = 0; nb < n_blocks; ++nb, ++g) {
         const int s = g % kStages, parity = ((g / kStages) & 1) ^ 1;
         const int cb = cta_block(cta, nb);
         const bool sel = cb < sel_blocks;
         const int jc = j_next;
         const float x = x_next;
-        const int buf = g & 1;
-        ss.row_k[buf][slot_of] = off16(jc, at.k_ss);
-        ss.row_v[buf][slot_of] = off16(jc, at.v_ss);
-        // Also orders the previous block's reads of this buffer (two blocks ago) before the
-        // write above for every thread: each passed the previous barrier after its last read.
+        ss.row_k[g & 1][slot_of] = off16(jc, at.k_ss);
+        ss.row_v[g % 3][slot_of] = off16(jc, at.v_ss);
+        // Also orders earlier reads of these buffers before the writes above for every thread:
+        // K's buffer was last read two blocks ago and V's three blocks ago (in the iteration
+        // two blocks ago), each before a barrier this thread has since passed.
         cutlass::arch::NamedBarrier::sync(128, 5);
         if (nb + 1 < n_blocks) j_next = cta.key_row(p, cta_block(cta, nb + 1), tid);
         acquire(&ss.empty_k[s], parity);
-        if (sel) copy_rows(ss.row_k[buf], k_base, &sK(r0, c, s));
+        if (sel) copy_rows(ss.row_k[g & 1], k_base, &sK(r0, c, s));
         else if (tid == 0)
           load_block(&pp.block_k, &ss.full_k[s], sK, s, cta.window_start(cb), cta);
         copies_arrive(&ss.full_k[s]);
@@ -327,13 +338,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           if (tid % 32 == 0) ss.flags[slot][tid / 32] = f;
         }
         Bar::arrive(&ss.full_k[s]);
-        acquire(&ss.empty_v[s], parity);
-        if (sel) copy_rows(ss.row_v[buf], v_base, &sV(r0, c, s));
-        else if (tid == 0)
-          load_block(&pp.block_v, &ss.full_v[s], sV, s, cta.window_start(cb), cta);
-        copies_arrive(&ss.full_v[s]);
+        if (nb > 0) load_v(nb - 1, g - 1);
         if (nb + 1 < n_blocks) x_next = score_of(cta_block(cta, nb + 1), j_next);
       }
+      if (n_blocks > 0) load_v(n_blocks - 1, g - 1);
     }
     // Exiting is safe with copies in flight: they complete and arrive on their own.
     static_assert(BN == 128, "one producer thread per key column");
