@@ -8,6 +8,7 @@
 #include <string>
 
 #include "bsk/error.h"
+#include "bsk/tensor.h"
 #include "common/cuda_check.h"
 #include "dispatch/sparsek_fwd.h"
 #include "dispatch/sparsek_plan.h"
@@ -167,9 +168,10 @@ void sparsek_fwd_cuda(const SparseKFwdArgs& a, int device, cudaStream_t stream) 
   const DenseFwdArgs& d = a.attn;
   const int64_t kv_size[3] = {d.batch, d.seqlen_k, d.heads_kv};
   // The sm90 kernel addresses a gathered row by a 32-bit count of 16-byte units from its head's
-  // row 0 (2-byte elements), which covers 64 GiB of one sequence's rows.
+  // row 0, which covers 64 GiB of one sequence's rows.
+  const auto elem_bytes = static_cast<int64_t>(dtype_size(d.dtype));
   auto rows_in_reach = [&](const int64_t stride[3]) {
-    return (d.seqlen_k - 1) * stride[1] * 2 / 16 < (int64_t(1) << 32);
+    return (d.seqlen_k - 1) * stride[1] * elem_bytes / 16 < (int64_t(1) << 32);
   };
   const bool sm90 = hopper_path_selected(device) && d.batch > 0 && d.seqlen_q > 0 &&
                     d.seqlen_k > 0 && d.heads_q > 0 && tma_describable(d.k, d.k_stride, kv_size) &&

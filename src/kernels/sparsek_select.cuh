@@ -154,24 +154,30 @@ __device__ __forceinline__ int block_compact(int n, int limit, Keep&& keep, Emit
   return block_compact_masks(n, limit, mask, emit, [](int, int) {}, tmp);
 }
 
-// The mask of block_compact_masks for "a[pos] < bound" (the active keys of a sorted segment:
-// sorted_j < m), read with 16-byte loads where `a` is 16-byte aligned: the scans of the sorted
-// order are most of the selection's memory traffic, and 4 vector loads per thread replace 16.
-__device__ __forceinline__ uint32_t below_mask(const int* a, int p0, int n, int bound) {
-  uint32_t bits = 0;
+// a[p0 .. p0 + kItems - 1] into x (INT_MAX past n), with 16-byte loads where `a` is 16-byte
+// aligned (p0 is a multiple of kItems): the scans of the sorted order are most of the
+// selection's memory traffic, and 4 vector loads per thread replace 16.
+__device__ __forceinline__ void load_items(const int* a, int p0, int n, int (&x)[kItems]) {
   if (p0 + kItems <= n && (reinterpret_cast<uintptr_t>(a) & 15) == 0) {
-    const int4* v = reinterpret_cast<const int4*>(a + p0);  // p0 is a multiple of kItems
 #pragma unroll
     for (int i = 0; i < kItems / 4; ++i) {
-      const int4 x = v[i];
-      bits |= (x.x < bound ? 1u : 0u) << (4 * i) | (x.y < bound ? 1u : 0u) << (4 * i + 1) |
-              (x.z < bound ? 1u : 0u) << (4 * i + 2) | (x.w < bound ? 1u : 0u) << (4 * i + 3);
+      const int4 v = reinterpret_cast<const int4*>(a + p0)[i];
+      x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < kItems; ++i)
-      if (p0 + i < n && a[p0 + i] < bound) bits |= 1u << i;
+    for (int i = 0; i < kItems; ++i) x[i] = p0 + i < n ? a[p0 + i] : INT_MAX;
   }
+}
+
+// The mask of block_compact_masks for "a[pos] < bound" (the active keys of a sorted segment:
+// sorted_j < m; bound < INT_MAX, so positions past n are never kept).
+__device__ __forceinline__ uint32_t below_mask(const int* a, int p0, int n, int bound) {
+  int x[kItems];
+  load_items(a, p0, n, x);
+  uint32_t bits = 0;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) bits |= (x[i] < bound ? 1u : 0u) << i;
   return bits;
 }
 
@@ -479,20 +485,10 @@ __global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p
   auto list_of = [&](int g) {
     return p.list + (static_cast<int64_t>(seg) * p.tiles + blockIdx.x * p.group + g) * p.cap;
   };
-  const bool aligned = (reinterpret_cast<uintptr_t>(sj) & 15) == 0;
   for (int base = 0; base < n_scan; base += kSelectThreads * kItems) {
     const int p0 = base + tid * kItems;
     int j[kItems];
-    if (aligned && p0 + kItems <= n_scan) {
-#pragma unroll
-      for (int i = 0; i < kItems / 4; ++i) {
-        const int4 x = reinterpret_cast<const int4*>(sj + p0)[i];
-        j[4 * i] = x.x, j[4 * i + 1] = x.y, j[4 * i + 2] = x.z, j[4 * i + 3] = x.w;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) j[i] = p0 + i < n_scan ? sj[p0 + i] : INT_MAX;
-    }
+    load_items(sj, p0, n_scan, j);
     uint32_t bits[kListsPerBlock];
     unsigned long long packed = 0;
 #pragma unroll
