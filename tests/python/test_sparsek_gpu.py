@@ -60,8 +60,8 @@ CASES = [  # B, Sq, Skv, Hq, Hkv, D, k, w, gate, scores
     # active keys than select_init keeps in shared memory (flat scores: every key within 1).
     (1, 64, 12000, 2, 1, 128, 9000, 64, "key_value", "normal"),
     (1, 64, 12000, 2, 1, 64, 6000, 64, "value", "flat"),
-    # w a multiple of 128 with 32-position tiles: the Hopper kernel's band takes the lists'
-    # newer candidates (SparseKCta::fold_newer), first blocks with and without a threshold,
+    # w a multiple of 128 with 32-position tiles: window bands that start on a block boundary
+    # (where the lists' newer candidates begin), first blocks with and without a threshold,
     # Sq < Skv included.
     (1, 700, 700, 8, 2, 128, 60, 128, "key_value", "ramp"),
     (1, 640, 640, 8, 2, 64, 100, 128, "none", "ties"),
