@@ -101,7 +101,11 @@ void launch_attention_sm90(const SparseKFwdArgs& a, const kernels::SparseKFwdPar
                            : std::min<int64_t>(tiles, device_sm_count(device));
   const int grid = static_cast<int>(ctas);
   if (grid == 0) return;
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
+  // BSK_SPARSEK_FOLD=0: the lists keep their newer candidates (for A/B timings and tests).
+  kernels::SparseKFwdParams<Elem> pf = p;
+  const char* fold = std::getenv("BSK_SPARSEK_FOLD");
+  pf.fold_newer = fold == nullptr || std::string(fold) != "0";
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(pf, maps);
   BSK_CUDA_CHECK_LAUNCH();
 }
 

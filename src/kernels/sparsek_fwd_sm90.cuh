@@ -35,6 +35,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/dense_fwd_sm90.cuh"
 #include "kernels/sparsek_fwd_sm80.cuh"
@@ -147,10 +148,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   };
   // The kernel's block order: the window band first, then the list (SparseKCta numbers the list
   // first). A window block's TMA load needs nothing but the tile's position, so the first block
-  // lands while the list's index loads and gathers are still on their way.
+  // lands while the list's index loads and gathers are still on their way. Where the tile folds
+  // its newer candidates into the band's first block (SparseKCta::fold), the band's second block
+  // goes first, so that the folded block's per-element work overlaps a P V: the first block's
+  // softmax overlaps nothing, and with the folded block there the kernel ran 2% slower than
+  // without folding (bench/results/sparsek-variants-fold-experiment-h100-128k.txt).
   auto cta_block = [](const Cta& cta, int nb) {
-    return nb < cta.win_blocks ? cta.sel_blocks + nb : nb - cta.win_blocks;
+    if (nb >= cta.win_blocks) return nb - cta.win_blocks;
+    return cta.sel_blocks + (cta.fold && nb < 2 ? 1 - nb : nb);
   };
+  auto folded = [](const Cta& cta, int cb) { return cta.fold && cb == cta.sel_blocks; };
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
@@ -290,7 +297,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       // copying each row. The next block's index and score are fetched while this block's
       // copies are issued.
       auto score_of = [&](int cb, int j) {
-        return cb < sel_blocks && j >= 0 ? ug[j * p.u_sj] : 0.f;
+        return (cb < sel_blocks || folded(cta, cb)) && j >= 0 ? ug[j * p.u_sj] : 0.f;
       };
       int j_next = n_blocks > 0 ? cta.key_row(p, cta_block(cta, 0), tid) : -1;
       float x_next = score_of(cta_block(cta, 0), j_next);
@@ -323,19 +330,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         else if (tid == 0)
           load_block(&pp.block_k, &ss.full_k[s], sK, s, cta.window_start(cb), cta);
         copies_arrive(&ss.full_k[s]);
-        if (sel) {
+        if (sel || folded(cta, cb)) {
           const int slot = g % kMeta;
           // An empty slot's index 0xffffffff is past every m: never selected.
           const unsigned long long key = jc >= 0 ? sparsek_key(x, jc) : 0xffffffffull;
           ss.key[slot][tid] = key;
           ss.du[slot][tid] = x - u_ref;
-          // (x - u_ref) - b_row >= (x - u_ref) - bound.b in floats too: the consumers' gate is 1.
-          const SparseKRow bound = ss.bound[qb][0];
-          const bool all_rows = jc >= 0 && key >= bound.thr_key && jc < bound.m;
-          const bool gate_one = jc < 0 || (x - u_ref) - bound.b >= 1.f;
-          const uint32_t f = (__any_sync(0xffffffffu, !all_rows) ? 1u : 0u) |
-                             (__any_sync(0xffffffffu, !gate_one) ? 2u : 0u);
-          if (tid % 32 == 0) ss.flags[slot][tid / 32] = f;
+          if (sel) {
+            // (x - u_ref) - b_row >= (x - u_ref) - bound.b in floats too: the gate is 1.
+            const SparseKRow bound = ss.bound[qb][0];
+            const bool all_rows = jc >= 0 && key >= bound.thr_key && jc < bound.m;
+            const bool gate_one = jc < 0 || (x - u_ref) - bound.b >= 1.f;
+            const uint32_t f = (__any_sync(0xffffffffu, !all_rows) ? 1u : 0u) |
+                               (__any_sync(0xffffffffu, !gate_one) ? 2u : 0u);
+            if (tid % 32 == 0) ss.flags[slot][tid / 32] = f;
+          }
         }
         Bar::arrive(&ss.full_k[s]);
         if (nb > 0) load_v(nb - 1, g - 1);
@@ -464,6 +473,62 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         // and the all-gates-1 ones too, and doubled the instructions per block.
         if (flags & 2u) gate(slot);
       };
+      // The folded band block (SparseKCta::fold), per element: a key of the row's window
+      // (m_row <= j <= i) weighs 1; a newer candidate (m_grp <= j < m_row) counts where it beats
+      // the row's threshold key, gated as a list key; anything else is out (the keys below
+      // m_grp are the list's). Its own loop: inside softmax() above, a branch made ptxas
+      // restructure the main loop and spill (session 11).
+      auto softmax_folded = [&](int nb, int gn) {
+        const int slot = gn % kMeta;
+        const int n0 = cta.window_start(cta_block(cta, nb));
+        SparseKRow rw[kRows];
+        int m_row[kRows];
+        uint32_t n_cand[kRows];  // the row's newer candidates: m_row - m_grp
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          rw[r] = rows[pos_of(r)];
+          m_row[r] = m0 + pos_of(r) + diag - p.window + 1;
+          n_cand[r] = static_cast<uint32_t>(max(m_row[r] - cta.m_grp, 0));
+        }
+        // Two passes, as in softmax(): the gates first (a zero gate times a masked -inf would
+        // be NaN), then the mask; one pass loading both kept too much live and spilled.
+        auto gate_candidates = [&] {
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(S); c += 2) {
+            const int col = get<1>(cSrc(0, c));
+            float2 d2;  // loaded at each call: reused, the loads stayed live through the softmax
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                         : "=f"(d2.x), "=f"(d2.y)
+                         : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(&ss.du[slot][col]))));
+            CUTE_UNROLL
+            for (int r = 0; r < kRows; ++r)
+              CUTE_UNROLL
+              for (int e = 0; e < 2; ++e)
+                if (n0 + col + e < m_row[r]) S(r, c + e) *= __saturatef((e ? d2.y : d2.x) - rw[r].b);
+          }
+        };
+        if (p.gate_logits) gate_candidates();
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(S); c += 2) {
+          const int col = get<1>(cSrc(0, c));
+          const ulonglong2 k2 = *reinterpret_cast<const ulonglong2*>(&ss.key[slot][col]);
+          CUTE_UNROLL
+          for (int r = 0; r < kRows; ++r) {
+            CUTE_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              // m_row <= j <= i = m_row + w - 1, and m_grp <= j < m_row, as unsigned ranges.
+              const int j = n0 + col + e;
+              const bool in_window = static_cast<uint32_t>(j - m_row[r]) < static_cast<uint32_t>(p.window);
+              const bool picked = static_cast<uint32_t>(j - cta.m_grp) < n_cand[r] &&
+                                  (e ? k2.y : k2.x) >= rw[r].thr_key;
+              if (!in_window && !picked) S(r, c + e) = kNegInf;
+            }
+          }
+        }
+        online_softmax(S, row_m, row_l, corr, at.scale_log2,
+                       [](int, int, float pe) { return pe; });
+        gate_candidates();  // the value weights (0 where out)
+      };
       auto convert_p = [&] {
         CUTE_UNROLL
         for (int i = 0; i < size(rP); ++i) rP(i) = static_cast<Elem>(tSrS(i));
@@ -479,7 +544,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         softmax(0, g);
         convert_p();
       }
-      for (int n = 1; n < n_blocks; ++n) {
+      // Block n >= 1: S(n) and P(n-1) V(n-1) on the tensor cores, then S(n)'s softmax while the
+      // P V runs. The folded block (always n = 1, cta_block) takes a peeled copy of the step
+      // (inlined by force: as a call, ptxas passed the fragments through a 1.3 KB stack frame).
+      auto step = [&](int n, auto is_folded) __attribute__((always_inline)) {
         const int gk = g + n, gv = gk - 1;
         const int sk = gk % kStages, sv = gv % kStages;
         Bar::wait(&ss.full_k[sk], (gk / kStages) & 1);
@@ -489,7 +557,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         warpgroup_wait<1>();  // S(n) is ready; P(n-1) V(n-1) may still run
         warpgroup_fence_operand(tSrS);
         Bar::arrive(&ss.empty_k[sk]);
-        softmax(n, gk);
+        if constexpr (decltype(is_folded)::value) softmax_folded(n, gk);
+        else softmax(n, gk);
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(rP);
@@ -499,7 +568,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           CUTE_UNROLL
           for (int c = 0; c < size<1>(O); ++c) O(r, c) *= corr[r];
         convert_p();
-      }
+      };
+      int n = 1;
+      if (cta.fold) step(n++, std::true_type{});  // fold implies at least 2 band blocks
+      for (; n < n_blocks; ++n) step(n, std::false_type{});
       if (n_blocks > 0) {
         const int gv = g + n_blocks - 1, sv = gv % kStages;
         Bar::wait(&ss.full_v[sv], (gv / kStages) & 1);

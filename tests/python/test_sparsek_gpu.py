@@ -66,6 +66,11 @@ CASES = [  # B, Sq, Skv, Hq, Hkv, D, k, w, gate, scores
     (1, 700, 700, 8, 2, 128, 60, 128, "key_value", "ramp"),
     (1, 640, 640, 8, 2, 64, 100, 128, "none", "ties"),
     (1, 520, 900, 4, 1, 64, 40, 256, "value", "flat"),
+    # One query head per KV head (128-position tiles) with Sq < Skv and w = Skv - Sq: the band's
+    # first block holds the tile's newer candidates and the causal diagonal (on Hopper it selects
+    # them per element: SparseKCta::fold).
+    (1, 600, 640, 2, 2, 64, 50, 40, "key_value", "normal"),
+    (1, 600, 640, 2, 2, 128, 50, 40, "value", "ties"),
     # More tiles (188) than an H100 or H200 has SMs: persistent Hopper CTAs take two (the K/V
     # rings and the double-buffered Q and rows' state cross tiles).
     (1, 3000, 3000, 8, 2, 64, 200, 128, "key_value", "ramp"),
@@ -96,6 +101,14 @@ def test_lists_per_block(monkeypatch, group):
     monkeypatch.setenv("BSK_SPARSEK_LISTS_PER_BLOCK", group)
     out, _ = check(q, k, v, u, 100, 64, "key_value")
     assert torch.equal(out, one)
+
+
+@pytest.mark.parametrize("case", [CASES[i] for i in (10, 12, 14)], ids=["kv", "value", "heads1"])
+def test_without_fold(monkeypatch, case):
+    """BSK_SPARSEK_FOLD=0: on Hopper the lists keep their newer candidates instead of the window
+    band's first block selecting them (the A/B switch); exact as well."""
+    monkeypatch.setenv("BSK_SPARSEK_FOLD", "0")
+    test_matches_reference(case, torch.bfloat16)
 
 
 def test_non_contiguous_inputs():
