@@ -213,7 +213,7 @@ __device__ __forceinline__ float normalize_row(TO& O, int r, float l) {
 // leaves in S the P V weights weight(r, c, p) of p = exp(S - max) (the sum takes p itself) and in
 // corr the factor that rescales O to the new max. Max and sums run on unscaled logits; the scale
 // folds into one FFMA. Shared by the dense and SparseK Hopper kernels.
-template <int kRows, class TS, class Weight>
+template <bool kLazy = false, int kRows, class TS, class Weight>
 __device__ __forceinline__ void online_softmax(TS& S, float (&row_m)[kRows], float (&row_l)[kRows],
                                                float (&corr)[kRows], float scale_log2,
                                                Weight&& weight) {
@@ -242,10 +242,20 @@ __device__ __forceinline__ void online_softmax(TS& S, float (&row_m)[kRows], flo
     // The 4 threads of a quad hold one row.
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // kLazy (FlashAttention-4's lazy rescaling, on Blackwell): the exponents stay relative to
+    // the row's old reference while the new max exceeds it by at most kRescaleSlack (log2
+    // units), so the weights reach at most 2^kRescaleSlack = 256, inside fp32 and the 16-bit P;
+    // the sum, O and LSE all use the same reference, so the result is the same up to rounding
+    // (the largest weight is no longer exactly 1). Once the max settles, corr stays 1 and the
+    // consumers skip rescaling O (rescale_o). The dense kernel keeps the exact max: with the
+    // lazy form one bf16 case of the dense accuracy test went 3% over its bound (session 13).
     // A row that has seen no key yet keeps max -inf: use 0 as offset so exp2 gives 0s.
-    const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-    corr[r] = fast_exp2(row_m[r] * scale_log2 - base);
-    row_m[r] = mx;
+    constexpr float kRescaleSlack = kLazy ? 8.f : 0.f;
+    const bool keep = (mx - row_m[r]) * scale_log2 <= kRescaleSlack;  // false while row_m = -inf
+    const float ref = keep ? row_m[r] : mx;
+    const float base = ref == -INFINITY ? 0.f : ref * scale_log2;
+    corr[r] = keep ? 1.f : fast_exp2(row_m[r] * scale_log2 - base);
+    row_m[r] = ref;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const float pe = fast_exp2(fmaf(S(r, c), scale_log2, -base));
@@ -254,6 +264,22 @@ __device__ __forceinline__ void online_softmax(TS& S, float (&row_m)[kRows], flo
     }
     row_l[r] = row_l[r] * corr[r] + tree(part, add2);
   }
+}
+
+// O *= corr per row, skipped where no row of the warp moved its reference (online_softmax's
+// lazy rescaling leaves corr = 1 for most blocks): 64 multiplies per thread and block that sit
+// between a P V and the next block's GEMMs. The SparseK kernel's (A/B on an H100: fused kernel
+// 0.98x at 131072, 0.965x at 32768; bench/results/sparsek-lazy-rescale-ab-h100.txt).
+template <int kRows, class TO>
+__device__ __forceinline__ void rescale_o(TO& O, const float (&corr)[kRows]) {
+  bool any = false;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) any |= corr[r] != 1.f;
+  if (!__any_sync(0xffffffffu, any)) return;
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r)
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(O); ++c) O(r, c) *= corr[r];
 }
 #endif
 

@@ -466,7 +466,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             }
           }
         }
-        online_softmax(S, row_m, row_l, corr, at.scale_log2,
+        online_softmax<true>(S, row_m, row_l, corr, at.scale_log2,
                        [](int, int, float pe) { return pe; });
         // The value weights of a selected block, apart: inside online_softmax the gate turned
         // into per-element work (shared-memory loads, index math) on every block, the window's
@@ -525,7 +525,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
             }
           }
         }
-        online_softmax(S, row_m, row_l, corr, at.scale_log2,
+        online_softmax<true>(S, row_m, row_l, corr, at.scale_log2,
                        [](int, int, float pe) { return pe; });
         gate_candidates();  // the value weights (0 where out)
       };
@@ -563,10 +563,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         warpgroup_fence_operand(tOrO);
         warpgroup_fence_operand(rP);
         Bar::arrive(&ss.empty_v[sv]);
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r)
-          CUTE_UNROLL
-          for (int c = 0; c < size<1>(O); ++c) O(r, c) *= corr[r];
+        rescale_o(O, corr);
         convert_p();
       };
       int n = 1;
