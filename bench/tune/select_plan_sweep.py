@@ -18,7 +18,7 @@ from blackwell_sparsek.bench_sparsek import K, W, inputs, selection_share
 lengths = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "32768,131072").split(",")]
 plans = (sys.argv[2] if len(sys.argv) > 2 else
          "default,256:2048,512:2048,1024:2048,512:8192,1024:8192,2048:8192").split(",")
-KERNELS = ("select_init", "select_walk", "list_kernel", "sparsek_fwd")
+KERNELS = ("select_init", "select_kernel", "sparsek_fwd")  # select_kernel: the walks + the key lists
 
 for S in lengths:
     q, k, v, u = inputs(S, 0)

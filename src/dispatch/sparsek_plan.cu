@@ -148,8 +148,11 @@ void SparseKPlan::run(cudaStream_t stream) {
                                    ", :] spans more (the CPU path takes any finite scores)");
   }
 
+  // Thresholds and tau: the first state of every chunk (select_init_kernel), then the walks;
+  // the key lists (which need only the sorted order) in the same grid as the walks.
+  sk::SelectParams sp{};
+  int walk_blocks = 0;
   if (select_) {
-    sk::SelectParams sp{};
     sp.sorted_u = ws.at<float>(o_sorted_u_);
     sp.sorted_j = ws.at<int>(o_sorted_j_);
     sp.rank = ws.at<int>(o_rank_);
@@ -167,17 +170,12 @@ void SparseKPlan::run(cudaStream_t stream) {
     sk::select_init_kernel<<<grid, sk::kSelectThreads, 0, stream>>>(
         sp, ws.at<sk::ChunkState>(o_states_));
     BSK_CUDA_CHECK_LAUNCH();
-    sk::select_walk_kernel<<<(chunks_ * nseg + sk::kWalkWarps - 1) / sk::kWalkWarps,
-                             32 * sk::kWalkWarps, 0, stream>>>(
-        sp, ws.at<sk::ChunkState>(o_states_), chunks_);
-    BSK_CUDA_CHECK_LAUNCH();
+    walk_blocks = (chunks_ * nseg + sk::kWalkWarps - 1) / sk::kWalkWarps;
   }
   if (a_.budget > 0) {
     sk::ListParams lp{};
     lp.sorted_j = select_ ? ws.at<int>(o_sorted_j_) : nullptr;
-    lp.rank = select_ ? ws.at<int>(o_rank_) : nullptr;
-    lp.thr_u = select_ ? ws.at<float>(o_thr_u_) : nullptr;
-    lp.thr_j = select_ ? ws.at<int>(o_thr_j_) : nullptr;
+    lp.sorted_u = select_ ? ws.at<float>(o_sorted_u_) : nullptr;
     lp.scores = scores;
     lp.list = select_ ? ws.at<int>(o_list_) : nullptr;
     lp.count = ws.at<int>(o_count_);
@@ -189,7 +187,12 @@ void SparseKPlan::run(cudaStream_t stream) {
     lp.tiles = list_tiles_;
     lp.group = list_group_;
     const int list_blocks = (list_tiles_ + lp.group - 1) / lp.group;
-    sk::list_kernel<<<dim3(list_blocks, nseg), sk::kSelectThreads, 0, stream>>>(lp);
+    const int64_t blocks = walk_blocks + static_cast<int64_t>(list_blocks) * nseg;
+    if (blocks >= (int64_t{1} << 31))
+      throw Unsupported("SparseK selection: more than 2^31 blocks of walks and key lists");
+    sk::select_kernel<<<static_cast<unsigned>(blocks), sk::kSelectThreads, 0, stream>>>(
+        sp, select_ ? ws.at<sk::ChunkState>(o_states_) : nullptr, chunks_, walk_blocks, lp,
+        list_blocks);
     BSK_CUDA_CHECK_LAUNCH();
   }
 }

@@ -62,7 +62,7 @@ __global__ void encode_scores_kernel(Scores s, int num_segments, unsigned long l
   }
 }
 
-// The walk (select_walk_kernel) keeps its values relative to each chunk's first threshold in
+// The walk (walk_chunk) keeps its values relative to each chunk's first threshold in
 // float64; across a span of 2^20 they keep about 2^-33 of absolute precision, ample for the
 // gates, while a span like 1e17 would lose tau entirely. Wider spans are rejected (the CPU path
 // takes any finite scores). Flag: the first segment over the limit + 1, smallest wins.
@@ -350,12 +350,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_init_kernel(const Selec
 // chunks sharing a warp serialize each other's divergent iterations: 1320 us at 131072 keys
 // with a thread per chunk, 425 with a warp per chunk (bench/results/select-plan-sweep-*). The
 // warps fit the GPU at once (a few thousand chunks at 131072 keys).
-constexpr int kWalkWarps = 4;  // per block
-__global__ void __launch_bounds__(32 * kWalkWarps) select_walk_kernel(const SelectParams p,
-                                                                     const ChunkState* states,
-                                                                     int chunks) {
-  const int idx = blockIdx.x * kWalkWarps + static_cast<int>(threadIdx.x) / 32;
-  if (threadIdx.x % 32 != 0 || idx >= chunks * p.segments) return;
+__device__ __forceinline__ void walk_chunk(const SelectParams& p, const ChunkState* states,
+                                           int chunks, int idx) {
   const int seg = idx / chunks;
   ChunkState st = states[idx];
   if (st.m_begin >= st.m_end) return;
@@ -434,9 +430,7 @@ __global__ void __launch_bounds__(32 * kWalkWarps) select_walk_kernel(const Sele
 
 struct ListParams {
   const int* sorted_j;
-  const int* rank;
-  const float* thr_u;
-  const int* thr_j;
+  const float* sorted_u;
   Scores scores;
   int* list;     // [segments, tiles, cap]: per kListRows query positions
   int* count;    // [segments, tiles]
@@ -450,70 +444,77 @@ struct ListParams {
 // threshold only rises, so nothing else can be selected in the block). Per-row masks in the
 // attention kernel take it from there.
 //
-// The first part is a compaction of the sorted order up to the threshold's position, an O(Skv)
-// read per list (most of this kernel's time: 350 us at 131072 keys with a block per list). A
-// block builds `group` (<= kListsPerBlock) consecutive lists from one pass: the lists' counts
-// per thread are packed in 16-bit fields of one 64-bit value, so one block scan serves them
-// all. Where lists are few a block per list keeps the GPU full (ListParams::group).
+// The first part is the first k active keys (j < m of the first row) of the sorted order, so the
+// list needs nothing from the walk: its last key is the threshold, which then filters the newer
+// candidates. That lets the lists run beside the walk (select_kernel). The scan of the sorted
+// order, O(Skv) per list, is most of the lists' time (350 us at 131072 keys with a block per
+// list): a block builds `group` (<= kListsPerBlock) consecutive lists from one pass, their counts
+// per thread packed in 16-bit fields of one 64-bit value, so one block scan serves them all.
+// Where lists are few a block per list keeps the GPU full (ListParams::group).
 constexpr int kListsPerBlock = 4;
 static_assert(kListsPerBlock * 16 <= 64 && kSelectThreads * kItems < 65536, "16-bit fields");
-__global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p) {
+__device__ __forceinline__ void build_lists(const ListParams& p, int bx, int seg) {
   using ScanU64 = cub::BlockScan<unsigned long long, kSelectThreads>;
   __shared__ union {
     BlockScanInt::TempStorage i;
     typename ScanU64::TempStorage u;
   } tmp;
-  const int seg = blockIdx.y, tid = threadIdx.x;
+  __shared__ int s_thr[kListsPerBlock];  // sorted position of each list's k-th key
+  const int tid = threadIdx.x;
   const int64_t so = static_cast<int64_t>(seg) * p.n;
   const int* sj = p.sorted_j + so;
-  int m_first[kListsPerBlock], scan_end[kListsPerBlock], written[kListsPerBlock];
-  int n_scan = 0;
+  int m_first[kListsPerBlock], written[kListsPerBlock];
+  bool scan = false;
 #pragma unroll
   for (int g = 0; g < kListsPerBlock; ++g) {
-    const int qt = blockIdx.x * p.group + g;
+    const int qt = bx * p.group + g;
     const bool mine = g < p.group && qt < p.tiles;
     const int t0 = qt * kListRows;
     m_first[g] = mine ? candidates_of_row(t0, p.seqlen_q, p.n, p.w) : 0;
-    scan_end[g] = 0;  // the sorted positions [0, scan_end) this list compacts
-    if (mine && m_first[g] > p.k) {
-      const int tj = p.thr_j[static_cast<int64_t>(seg) * (p.n + 1) + m_first[g]];
-      scan_end[g] = p.rank[so + tj] + 1;
-    }
-    n_scan = max(n_scan, scan_end[g]);
-    written[g] = 0;
+    // Lists whose first row has at most k candidates take them all (no scan: k "written").
+    written[g] = mine && m_first[g] > p.k ? 0 : p.k;
+    scan |= written[g] < p.k;
   }
   auto list_of = [&](int g) {
-    return p.list + (static_cast<int64_t>(seg) * p.tiles + blockIdx.x * p.group + g) * p.cap;
+    return p.list + (static_cast<int64_t>(seg) * p.tiles + bx * p.group + g) * p.cap;
   };
-  for (int base = 0; base < n_scan; base += kSelectThreads * kItems) {
+  // `written` is the same in every thread (block-wide totals), so the loop is uniform.
+  for (int base = 0; scan && base < p.n; base += kSelectThreads * kItems) {
     const int p0 = base + tid * kItems;
     int j[kItems];
-    load_items(sj, p0, n_scan, j);
+    load_items(sj, p0, p.n, j);  // INT_MAX past n: never active
     uint32_t bits[kListsPerBlock];
     unsigned long long packed = 0;
 #pragma unroll
     for (int g = 0; g < kListsPerBlock; ++g) {
       bits[g] = 0;
+      if (written[g] < p.k) {
 #pragma unroll
-      for (int i = 0; i < kItems; ++i)
-        bits[g] |= (p0 + i < scan_end[g] && j[i] < m_first[g] ? 1u : 0u) << i;
+        for (int i = 0; i < kItems; ++i) bits[g] |= (j[i] < m_first[g] ? 1u : 0u) << i;
+      }
       packed |= static_cast<unsigned long long>(__popc(bits[g])) << (16 * g);
     }
     unsigned long long before, total;
     ScanU64(tmp.u).ExclusiveSum(packed, before, total);
+    scan = false;
 #pragma unroll
     for (int g = 0; g < kListsPerBlock; ++g) {
       int* out = list_of(g);
       int r = written[g] + static_cast<int>((before >> (16 * g)) & 0xffff);
-      for (uint32_t mm = bits[g]; mm != 0; mm &= mm - 1) out[r++] = sj[p0 + __ffs(mm) - 1];
-      written[g] += static_cast<int>((total >> (16 * g)) & 0xffff);
+      for (uint32_t mm = bits[g]; mm != 0 && r < p.k; mm &= mm - 1, ++r) {
+        const int pos = p0 + __ffs(mm) - 1;
+        out[r] = sj[pos];
+        if (r == p.k - 1) s_thr[g] = pos;
+      }
+      written[g] = min(p.k, written[g] + static_cast<int>((total >> (16 * g)) & 0xffff));
+      scan |= written[g] < p.k;
     }
-    __syncthreads();  // tmp is reused by the next tile
+    __syncthreads();  // tmp is reused by the next tile; s_thr is read below
   }
   // The newer candidates, list by list (unrolled: the per-list values stay in registers).
 #pragma unroll
   for (int g = 0; g < kListsPerBlock; ++g) {
-    const int qt = blockIdx.x * p.group + g;
+    const int qt = bx * p.group + g;
     if (g >= p.group || qt >= p.tiles) continue;
     const int t0 = qt * kListRows, t1 = min(t0 + kListRows, p.seqlen_q);
     const int m_last = candidates_of_row(t1 - 1, p.seqlen_q, p.n, p.w);
@@ -521,9 +522,9 @@ __global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p
     if (mf <= p.k) {  // every candidate of the block is in: the kernel reads [0, m_last)
       written[g] = m_last;
     } else {
-      const int64_t o = static_cast<int64_t>(seg) * (p.n + 1) + mf;
-      const float tu = p.thr_u[o];
-      const int tj = p.thr_j[o];
+      const int tpos = s_thr[g];
+      const float tu = p.sorted_u[so + tpos];
+      const int tj = sj[tpos];
       int* out_new = list_of(g) + written[g];
       written[g] += block_compact(
           m_last - mf, INT_MAX,
@@ -535,6 +536,23 @@ __global__ void __launch_bounds__(kSelectThreads) list_kernel(const ListParams p
     }
     if (tid == 0) p.count[static_cast<int64_t>(seg) * p.tiles + qt] = written[g];
   }
+}
+
+// The walk and the key lists in one grid: blocks [0, walk_blocks) walk a chunk per warp (on one
+// lane: a chain of dependent steps that leaves the GPU mostly idle for ~0.57 ms at 131072 keys),
+// the rest build the lists (throughput work, ~0.2 ms on an otherwise idle GPU), which no longer
+// depend on the walk and so run in its shadow.
+constexpr int kWalkWarps = kSelectThreads / 32;  // chunks per walk block
+__global__ void __launch_bounds__(kSelectThreads)
+    select_kernel(const SelectParams sp, const ChunkState* states, int chunks, int walk_blocks,
+                  const ListParams lp, int list_blocks) {
+  if (static_cast<int>(blockIdx.x) < walk_blocks) {
+    const int idx = blockIdx.x * kWalkWarps + static_cast<int>(threadIdx.x) / 32;
+    if (threadIdx.x % 32 == 0 && idx < chunks * sp.segments) walk_chunk(sp, states, chunks, idx);
+    return;
+  }
+  const int lb = blockIdx.x - walk_blocks;
+  build_lists(lp, lb % list_blocks, lb / list_blocks);
 }
 
 }  // namespace bsk::kernels::sparsek
