@@ -250,12 +250,19 @@ __device__ __forceinline__ void online_softmax(TS& S, float (&row_m)[kRows], flo
     // consumers skip rescaling O (rescale_o). The dense kernel keeps the exact max: with the
     // lazy form one bf16 case of the dense accuracy test went 3% over its bound (session 13).
     // A row that has seen no key yet keeps max -inf: use 0 as offset so exp2 gives 0s.
-    constexpr float kRescaleSlack = kLazy ? 8.f : 0.f;
-    const bool keep = (mx - row_m[r]) * scale_log2 <= kRescaleSlack;  // false while row_m = -inf
-    const float ref = keep ? row_m[r] : mx;
-    const float base = ref == -INFINITY ? 0.f : ref * scale_log2;
-    corr[r] = keep ? 1.f : fast_exp2(row_m[r] * scale_log2 - base);
-    row_m[r] = ref;
+    float base;
+    if constexpr (kLazy) {
+      constexpr float kRescaleSlack = 8.f;
+      const bool keep = (mx - row_m[r]) * scale_log2 <= kRescaleSlack;  // false while row_m = -inf
+      const float ref = keep ? row_m[r] : mx;
+      base = ref == -INFINITY ? 0.f : ref * scale_log2;
+      corr[r] = keep ? 1.f : fast_exp2(row_m[r] * scale_log2 - base);
+      row_m[r] = ref;
+    } else {  // the exact max (the dense kernel: the code it was measured with, unchanged)
+      base = mx == -INFINITY ? 0.f : mx * scale_log2;
+      corr[r] = fast_exp2(row_m[r] * scale_log2 - base);
+      row_m[r] = mx;
+    }
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const float pe = fast_exp2(fmaf(S(r, c), scale_log2, -base));
