@@ -48,7 +48,7 @@ class SparseKPlan {
   int nseg_, m_max_, list_tiles_, list_cap_, chunks_, end_bit_;
   kernels::sparsek::ChunkPlan chunk_plan_{};  // the walk's chunks (when select_)
   int bisect_ = 0;                            // select_init's bisection steps
-  int list_group_ = 1;                        // key lists built per list_kernel block
+  int list_group_ = 1;                        // key lists built per select_kernel list block
   size_t cub_bytes_ = 0;
   size_t o_bad_, o_keys_in_ = 0, o_keys_out_ = 0, o_vals_in_ = 0, o_sorted_j_ = 0,
                  o_sorted_u_ = 0, o_rank_ = 0, o_thr_u_ = 0, o_thr_j_ = 0, o_tau_ = 0,
