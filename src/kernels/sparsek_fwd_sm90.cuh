@@ -5,7 +5,9 @@
 // one sm80 SparseK CTA computes (sparsek_fwd_sm80.cuh): 128 rows = `heads` query heads of one KV
 // group x 128 / heads positions, over two kinds of 128-key blocks in one online softmax: the
 // window band, then the tile's selected keys (list from sparsek_select.cuh, masked per row by
-// the threshold key and gated).
+// the threshold key and gated). Where SparseKCta::fold holds, the list's newer candidates are
+// selected inside the band's first block instead (softmax_folded), one key block fewer. The
+// online softmax rescales lazily (online_softmax<true>).
 //
 // Persistent CTAs, one per SM, take tiles round-robin, position block fastest (the CTAs in flight
 // share their KV head's rows in L2). Q, the tile's list length and its rows' selection state are
