@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from .bench import capture_env, env_line, gpu_warmup, no_gpu, rel_err, save_suite, suite_parser, time_calls
 
 B, HQ, HKV, D, K, W, BLK = 1, 32, 8, 128, 2048, 1024, 128
-SELECT_KERNELS = ("encode_scores", "RadixSort", "finish_sort", "select_init", "select_kernel",
-                  "select_walk", "list_kernel")  # the last two: before the walks and lists shared a grid
+# select_kernel runs the walks and builds the key lists (src/kernels/sparsek_select.cuh).
+SELECT_KERNELS = ("encode_scores", "RadixSort", "finish_sort", "select_init", "select_kernel")
 
 
 def flops(S, k=K, w=W):
