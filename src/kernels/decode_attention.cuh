@@ -249,13 +249,15 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     prologue();
   }
   wait_for_primary();
+  // The rewritten rows load with the counts (one round trip after the wait, not two).
+  int changed0 = -1, changed1 = -1;
+  if (speculate) changed0 = __ldcg(p.changed + 2 * grp), changed1 = __ldcg(p.changed + 2 * grp + 1);
   const GroupRows gr = group_rows(p, grp);
   const bool broken = p.status != nullptr && p.status[0] != 0;
   const bool patch = speculate && gr.na == window && gr.nb == steady_nb;
   if (patch) {
     // The rewritten rows among the early loads (the first kStages - 1 chunks): reload them once
     // those loads have landed.
-    const int changed0 = __ldcg(p.changed + 2 * grp), changed1 = __ldcg(p.changed + 2 * grp + 1);
     const int early_end = min(r_end, r_begin + (kStages - 1) * kChunk);
     const bool hit0 = changed0 >= r_begin && changed0 < early_end;
     const bool hit1 = changed1 >= r_begin && changed1 < early_end;
