@@ -101,9 +101,17 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
     BSK_CUDA_CHECK_LAUNCH();
     if (overlap) q.changed = link.changed;
   }
+  // A trace build (kernels/decode_trace.cuh) prints each step's stamps after its attention.
+  auto trace_dump = [&] {
+#ifdef BSK_DECODE_TRACE
+    if (step != nullptr)
+      bsk::kernels::decode_trace::dump_kernel<<<1, 1, 0, stream>>>(grid.x * grid.y * grid.z, step->groups);
+#endif
+  };
   if (!overlap) {
     kernel<<<grid, dk::kThreads, kSmem, stream>>>(q);
     BSK_CUDA_CHECK_LAUNCH();
+    trace_dump();
     return;
   }
   cudaLaunchConfig_t cfg{};
@@ -118,6 +126,7 @@ void launch_decode(const dk::DecodeParams<Elem>& p, int max_rows, int device, cu
   cfg.numAttrs = 1;
   BSK_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, q));
   BSK_CUDA_CHECK_LAUNCH();
+  trace_dump();
 }
 
 template <typename Elem>

@@ -17,6 +17,7 @@
 #include <cute/arch/copy_sm80.hpp>
 
 #include "common/sparsek_tau_walk.h"
+#include "kernels/decode_trace.cuh"
 #include "kernels/sm80_primitives.cuh"
 
 namespace bsk::kernels::decode {
@@ -126,6 +127,7 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
     s_w[sp][h] = ml.x, s_l[sp][h] = ml.y;  // the split's max (a weight soon) and denominator
   }
   __syncthreads();
+  BSK_TRACE_CTA(kCombinePairs);
   if (threadIdx.x < nh) {
     const int h = threadIdx.x;
     float mx = -INFINITY;
@@ -140,6 +142,7 @@ __device__ void combine_partials(const DecodeParams<Elem>& p, int b, int h0, int
     s_den[h] = den, s_mx[h] = mx;
   }
   __syncthreads();
+  BSK_TRACE_CTA(kCombineWeights);
   // Four dims per thread (float4): every split's load is in flight at once.
   for (int idx = threadIdx.x; idx < nh * kD / 4; idx += kThreads) {
     const int h = idx / (kD / 4), d = idx % (kD / 4) * 4, hq = h0 + h;
@@ -183,6 +186,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
   const int b = blockIdx.z;
   const int grp = b * p.heads_kv + g;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gq = lane / 4, tq = lane % 4;
+  BSK_TRACE_CTA_BEGIN();
 
   extern __shared__ uint4 smem_raw[];
   Elem* tiles = reinterpret_cast<Elem*>(smem_raw);
@@ -248,7 +252,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     set_rows(window, steady_nb);
     prologue();
   }
+  BSK_TRACE_CTA(kEarlyLoads);
   wait_for_primary();
+  BSK_TRACE_CTA(kWaited);
   // The rewritten rows load with the counts (one round trip after the wait, not two).
   int changed0 = -1, changed1 = -1;
   if (speculate) changed0 = __ldcg(p.changed + 2 * grp), changed1 = __ldcg(p.changed + 2 * grp + 1);
@@ -286,6 +292,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     prologue();
   }
 
+  BSK_TRACE_CTA(kRowsKnown);
   // Q^T as the B operand of S^T = K Q^T: b0 = (dims 2t, 2t+1), b1 = (dims 2t+8, 2t+9) of head gq
   // for each 16-dim k-step; heads past nh are zero.
   uint32_t qb[kD / 16][2];
@@ -315,6 +322,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     __syncthreads();  // chunk c has landed; chunk c - 1's stage is free
     if (c + kStages - 1 < chunks) load_chunk(c + kStages - 1);
     cute::cp_async_fence();
+    if (c == 0) BSK_TRACE_CTA(kChunk0);
     const Elem* ks_tile = tiles + (c % kStages) * DecodeSmem<kD, Elem>::kStageElems;
     const Elem* vs_tile = ks_tile + kChunk * kD;
     const int c0 = r_begin + c * kChunk, n = min(kChunk, r_end - c0);
@@ -379,6 +387,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       sm80::mma_16x8x16<Elem>(acc[mt], a, b0, b1);
     }
   }
+  BSK_TRACE_CTA(kLoopDone);
   cute::cp_async_wait<0>();
 #pragma unroll
   for (int hc = 0; hc < 2; ++hc)
@@ -422,6 +431,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
       if (d == 0) p.part_ml[2 * row] = m_all, p.part_ml[2 * row + 1] = l;
     }
   }
+  BSK_TRACE_CTA(kPartials);
+  BSK_TRACE_CTA_CLOCK(kClockPartials);
   if (p.splits == 1) return;
   __threadfence();  // this CTA's partials are visible before it is counted
   __syncthreads();
@@ -431,11 +442,14 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
     if (s_last) *counter = 0;
   }
   __syncthreads();
+  BSK_TRACE_CTA(kCounted);
   if (!s_last) return;
   __threadfence();
+  BSK_TRACE_CTA(kCombineFence);
   // The weights of up to kMaxSplits splits: the tiles' space is free now.
   combine_partials<Elem, kD>(p, b, h0, nh, broken, reinterpret_cast<float (*)[kHeads]>(smem_raw),
                              s_den, s_max);
+  BSK_TRACE_CTA(kCombined);
 }
 
 }  // namespace bsk::kernels::decode

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common/sparsek_tau_walk.h"
+#include "kernels/decode_trace.cuh"
 #include "kernels/order_code.cuh"
 
 namespace bsk::kernels::skcache {
@@ -235,11 +236,13 @@ __device__ inline double walk_on(const float* zu, int n, int k, double lo, const
     });
   }
   __syncthreads();
+  BSK_TRACE_GROUP(kListed);
   if (threadIdx.x < 32) {
     double t = lo, l = lo;
     bool done = false;
     if (hi < INFINITY && s_m <= kWalkList) done = walk_listed(s_bz, s_enter, s_m, k, hi, l, piece, t);
     if (threadIdx.x == 0) s_walk[0] = done ? t : l, s_walk[1] = done ? 1.0 : 0.0;
+    BSK_TRACE_GROUP_VALUE(kWalkList, static_cast<unsigned long long>(s_m) << 1 | (done ? 1u : 0u));
   }
   __syncthreads();
   const double at = s_walk[0];
@@ -275,6 +278,7 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
 
   __shared__ float s_z[kStagedScores];
 
+  BSK_TRACE_GROUP_BEGIN();
   allow_dependents();
   const int grp = blockIdx.x, b = grp / p.heads_kv, h = grp % p.heads_kv;
   if (link.counters != nullptr)
@@ -342,6 +346,7 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
     return;
   }
 
+  BSK_TRACE_GROUP(kAppendLoads);
   double tau = tau_old;
   float* zu = p.cand_u + static_cast<int64_t>(grp) * p.cap;
   int* zp = p.cand_pos + static_cast<int64_t>(grp) * p.cap;
@@ -389,10 +394,12 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
             bsk::detail::tau_piece_add(mine.piece, static_cast<double>(z[j]), tau_old);
         }
       }
+      BSK_TRACE_GROUP(kScanned);
       const Scan0 all = Reduce0(tmp.r0).Reduce(mine, Scan0Op());
       if (threadIdx.x == 0) s0 = all;
       __syncthreads();
       const Scan0 sc = s0;
+      BSK_TRACE_GROUP(kReduced);
       const float u_worst = sparsek::from_order_code(static_cast<uint32_t>(sc.worst >> 32));
       const bool in = uc >= u_worst;  // ties go to the newer key
       const int worst = sc.worst_at;
@@ -436,6 +443,7 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
         }
       }
     }
+    BSK_TRACE_GROUP(kWalked);
     if (take_row >= 0) {
       const int t = threadIdx.x;
       if (t < 2 * vecs) {
@@ -456,6 +464,7 @@ __global__ void __launch_bounds__(kAppendThreads, 1)
     }
     if (t == 0) p.slot_u[gbase + row] = unew;
   }
+  BSK_TRACE_GROUP(kAppendEnd);
   publish(take_row);
   if (threadIdx.x == 0) {
     cnt[0] = pos + 1;
