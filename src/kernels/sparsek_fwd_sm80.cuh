@@ -78,7 +78,7 @@ struct SparseKCta {
   // block fewer per tile (26 -> 25 at the sparsek-prefill suite's shape). Only where the band's
   // first block holds all of them and the band has a second block to go first (see cta_block
   // in the sm90 kernel).
-  int m_grp, m_cut;
+  int m_grp, m_cut, budget;
   bool fold;
 
   __device__ SparseKCta(const SparseKFwdParams<Elem>& p, int rows)
@@ -86,8 +86,7 @@ struct SparseKCta {
     load_selection(p);
   }
   // The geometry of tile (x, y, z) = (position block, head block, batch), with no memory reads:
-  // load_selection (or set_count with the count that another thread's load_selection found)
-  // completes it.
+  // load_selection (or set_count with a count read elsewhere) completes it.
   __device__ SparseKCta(const SparseKFwdParams<Elem>& p, int rows, int x, int y, int z) {
     const auto& at = p.attn;
     positions = rows / p.heads;
@@ -107,6 +106,7 @@ struct SparseKCta {
       win_first = max(0, i_first - p.window + 1) / kBlockN;
       win_blocks = i_last / kBlockN - win_first + 1;
     }
+    budget = p.budget;
     m_grp = cand(p, m0 / sparsek::kListRows * sparsek::kListRows);
     m_cut = cand(p, t_last);
     fold = p.fold_newer && p.budget > 0 && !all_in && win_blocks >= 2 && m_grp / kBlockN == win_first &&
@@ -114,21 +114,18 @@ struct SparseKCta {
     u_ref = 0.f;
     set_count(0);
   }
-  // The two reads: the list's length (its first k entries where the tile folds) and a threshold
-  // score of the tile (the last row's).
+  // The two reads: the list's length and a threshold score of the tile (the last row's).
   __device__ void load_selection(const SparseKFwdParams<Elem>& p) {
     const int m_last = cand(p, t_last);
     u_ref = m_last > p.budget ? p.thr_u[thr_at(p, m_last)] : 0.f;
-    const int n = p.budget > 0 ? p.count[list_index(p)] : 0;
-    set_count(fold ? min(n, p.budget) : n);
+    set_count(p.budget > 0 ? p.count[list_index(p)] : 0);
   }
   // The tile's key list (and count): one per kListRows positions of its KV head.
   __device__ int64_t list_index(const SparseKFwdParams<Elem>& p) const {
     return static_cast<int64_t>(seg) * p.list_tiles + m0 / sparsek::kListRows;
   }
-  // n: the key-list entries the tile attends (load_selection's count).
   __device__ void set_count(int n) {
-    n_sel = n;
+    n_sel = fold ? min(n, budget) : n;
     sel_blocks = (n_sel + kBlockN - 1) / kBlockN;
     n_blocks = sel_blocks + win_blocks;
   }
