@@ -5,6 +5,7 @@
 // path selection picks Hopper (hopper_path_selected), sm80 elsewhere.
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "bsk/error.h"
@@ -20,6 +21,13 @@
 
 namespace bsk::detail {
 namespace {
+
+// An A/B switch of the Hopper kernel, on unless the variable is "0". Read at every call, not
+// once: the tests flip these in-process.
+bool env_switch_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
 
 
 // 128 rows per CTA (4 warps, two 16-row tiles each, like the dense kernel): up to 4 query heads
@@ -95,16 +103,14 @@ void launch_attention_sm90(const SparseKFwdArgs& a, const kernels::SparseKFwdPar
   int device = 0;
   BSK_CUDA_CHECK(cudaGetDevice(&device));
   // BSK_SPARSEK_PERSISTENT=0: a CTA per tile instead (the same kernel; for A/B timings).
-  const char* persistent = std::getenv("BSK_SPARSEK_PERSISTENT");
-  const int64_t ctas = persistent != nullptr && std::string(persistent) == "0"
-                           ? tiles
-                           : std::min<int64_t>(tiles, device_sm_count(device));
+  const int64_t ctas = env_switch_on("BSK_SPARSEK_PERSISTENT")
+                           ? std::min<int64_t>(tiles, device_sm_count(device))
+                           : tiles;
   const int grid = static_cast<int>(ctas);
   if (grid == 0) return;
   // BSK_SPARSEK_FOLD=0: the lists keep their newer candidates (for A/B timings and tests).
   kernels::SparseKFwdParams<Elem> pf = p;
-  const char* fold = std::getenv("BSK_SPARSEK_FOLD");
-  pf.fold_newer = fold == nullptr || std::string(fold) != "0";
+  pf.fold_newer = env_switch_on("BSK_SPARSEK_FOLD");
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(pf, maps);
   BSK_CUDA_CHECK_LAUNCH();
 }
